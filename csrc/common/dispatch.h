@@ -1,0 +1,24 @@
+// The one dispatch header: dtype and compile-time switches shared by every op family.
+#pragma once
+
+#include <ATen/Dispatch.h>
+
+// Runs __VA_ARGS__ with `input_t` bound to the C++ type of the activations
+// (float, double, c10::Half, c10::BFloat16); `op` names the op in the error for other dtypes.
+#define MAMBA_DISPATCH_INPUT_TYPES(dtype, op, ...)                                     \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, op, [&] {           \
+    using input_t = scalar_t;                                                          \
+    __VA_ARGS__();                                                                     \
+  })
+
+// Runs __VA_ARGS__ with the constexpr bool `NAME` equal to `cond` (flash-attention's pattern).
+#define MAMBA_BOOL_SWITCH(cond, NAME, ...)  \
+  [&] {                                     \
+    if (cond) {                             \
+      constexpr static bool NAME = true;    \
+      return __VA_ARGS__();                 \
+    } else {                                \
+      constexpr static bool NAME = false;   \
+      return __VA_ARGS__();                 \
+    }                                       \
+  }()

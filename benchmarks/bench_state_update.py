@@ -1,0 +1,102 @@
+"""Benchmark of selective_state_update, the decode step, on the device present (CUDA when there).
+
+Shapes: Mamba-2 decode at b1 / b64 / b256, h80 p64 n128 with a float32 state (shared/anchors.md),
+and Mamba-1 at b1 / b64, d4096 n16. Activations bf16, A / D / dt_bias fp32, one group, z gating and
+dt_softplus on, as the anchors were measured; Mamba-2's A, dt, dt_bias and D are per head,
+expanded with stride 0 as Mamba2 passes them.
+
+The op is memory-bound: the floor is the bytes it must move (the state read and written dominates)
+at the bandwidth of an in-place elementwise update measured here on the same device.
+"""
+import argparse
+
+import torch
+
+import harness
+from mamba_ext.ops import selective_state_update
+
+# mamba-ssm's Triton kernel on an H100 (shared/anchors.md), in ms.
+MAMBA2_ANCHOR_MS = {1: 0.019, 64: 0.14, 256: 0.58}
+
+
+def update_gbps(device, nbytes=256 * 2**20):
+    """Bytes read plus written per second by an in-place elementwise update of one buffer: the
+    bandwidth ceiling for an op whose traffic is a state read and written back in place. (On a
+    CPU a copy is slower: its stores to a second buffer first read the lines they overwrite.)"""
+    buf = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    return 2 * nbytes / harness.time_ms(lambda: buf.add_(1.0), device) / 1e6
+
+
+def mamba2_inputs(batch, device, nheads=80, headdim=64, dstate=128):
+    bf16 = torch.bfloat16
+    A = -torch.rand(nheads, device=device) - 0.5
+    dt = torch.rand(batch, nheads, device=device, dtype=bf16)
+    D, dt_bias = torch.randn(nheads, device=device), torch.rand(nheads, device=device)
+    return dict(
+        state=torch.randn(batch, nheads, headdim, dstate, device=device),
+        x=torch.randn(batch, nheads, headdim, device=device, dtype=bf16),
+        dt=dt[:, :, None].expand(batch, nheads, headdim),
+        A=A[:, None, None].expand(nheads, headdim, dstate),
+        B=torch.randn(batch, 1, dstate, device=device, dtype=bf16),
+        C=torch.randn(batch, 1, dstate, device=device, dtype=bf16),
+        D=D[:, None].expand(nheads, headdim),
+        z=torch.randn(batch, nheads, headdim, device=device, dtype=bf16),
+        dt_bias=dt_bias[:, None].expand(nheads, headdim), dt_softplus=True)
+
+
+def mamba1_inputs(batch, device, dim=4096, dstate=16):
+    bf16 = torch.bfloat16
+    return dict(
+        state=torch.randn(batch, dim, dstate, device=device),
+        x=torch.randn(batch, dim, device=device, dtype=bf16),
+        dt=torch.rand(batch, dim, device=device, dtype=bf16),
+        A=-torch.rand(dim, dstate, device=device) - 0.5,
+        B=torch.randn(batch, dstate, device=device, dtype=bf16),
+        C=torch.randn(batch, dstate, device=device, dtype=bf16),
+        D=torch.randn(dim, device=device), z=torch.randn(batch, dim, device=device, dtype=bf16),
+        dt_bias=torch.rand(dim, device=device), dt_softplus=True)
+
+
+def bytes_moved(inputs):
+    """Every tensor read once in its distinct elements (stride-0 broadcasts count once), the state
+    written back, and out written."""
+    def distinct_bytes(t):
+        elements = 1
+        for size, stride in zip(t.shape, t.stride()):
+            elements *= size if stride else 1
+        return elements * t.element_size()
+
+    tensors = [v for v in inputs.values() if torch.is_tensor(v)]
+    return (sum(distinct_bytes(t) for t in tensors) + distinct_bytes(inputs["state"])
+            + distinct_bytes(inputs["x"]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(parser.parse_args().device)
+    ceiling = update_gbps(device)
+    print(f"in-place update bandwidth on {harness.device_name(device)}: {ceiling:.1f} GB/s")
+
+    shapes = [("mamba2", b, f"b{b} h80 p64 n128", mamba2_inputs) for b in (1, 64, 256)]
+    shapes += [("mamba1", b, f"b{b} d4096 n16", mamba1_inputs) for b in (1, 64)]
+    rows = []
+    for form, batch, shape, make_inputs in shapes:
+        inputs = make_inputs(batch, device)
+        ms = harness.time_ms(lambda: selective_state_update(**inputs), device)
+        nbytes = bytes_moved(inputs)
+        floor_ms = nbytes / ceiling / 1e6
+        row = dict(op="selective_state_update", form=form, shape=shape, time_ms=ms,
+                   MB=nbytes / 1e6, GBps=nbytes / ms / 1e6, floor_ms=floor_ms,
+                   fraction_of_floor=floor_ms / ms, ceiling_GBps=ceiling)
+        if form == "mamba2" and device.type == "cuda":
+            anchor_ms = MAMBA2_ANCHOR_MS[batch]
+            row.update(anchor_ms=anchor_ms, ratio_to_anchor=ms / anchor_ms)
+        rows.append(row)
+    harness.write_results("state_update", rows, device,
+                          ["form", "shape", "time_ms", "MB", "GBps", "floor_ms",
+                           "fraction_of_floor", "anchor_ms", "ratio_to_anchor"])
+
+
+if __name__ == "__main__":
+    main()

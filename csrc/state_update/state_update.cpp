@@ -1,0 +1,243 @@
+// Host side of selective_state_update: checks every argument, lifts the Mamba-1 form to the
+// Mamba-2 one (views, never copies), fills the params and dispatches to the kernel.
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common/check.h"
+#include "common/dispatch.h"
+#include "common/math.h"
+#include "state_update/state_update.h"
+
+namespace mamba_ext {
+namespace {
+
+constexpr const char* kOp = "selective_state_update";
+
+// dt and state each allow two dtypes, which coincide for float32 activations.
+void check_dtype_either(const char* name, const at::Tensor& t, at::ScalarType first,
+                        at::ScalarType second, const char* why) {
+  if (first == second) {
+    check_dtype(kOp, name, t, first, why);
+  } else {
+    check_dtype_in(kOp, name, t, {first, second});
+  }
+}
+
+// Reads every index on the host: one out of range would write outside the state, and a repeated
+// one would let two threads update the same state row at once.
+void check_state_batch_indices(const at::Tensor& indices, int64_t state_batch) {
+  const int32_t* index = indices.data_ptr<int32_t>();  // (batch,)
+  std::vector<int64_t> used_at(state_batch, -1);
+  for (int64_t b = 0; b < indices.numel(); ++b) {
+    const int32_t row = index[b];
+    TORCH_CHECK_VALUE(row >= 0 && row < state_batch, kOp,
+                      ": state_batch_indices must hold rows of state in [0, ", state_batch,
+                      "), got ", row, " at position ", b);
+    TORCH_CHECK_VALUE(used_at[row] < 0, kOp,
+                      ": state_batch_indices must not repeat a row (each is updated in place "
+                      "once), got row ",
+                      row, " at positions ", used_at[row], " and ", b);
+    used_at[row] = b;
+  }
+}
+
+int64_t stride_or_zero(const at::Tensor& t, int64_t dim) { return t.defined() ? t.stride(dim) : 0; }
+
+at::Tensor selective_state_update_cpu_op(at::Tensor& state, const at::Tensor& x,
+                                         const at::Tensor& dt, const at::Tensor& A,
+                                         const at::Tensor& B, const at::Tensor& C,
+                                         const c10::optional<at::Tensor>& D_opt,
+                                         const c10::optional<at::Tensor>& z_opt,
+                                         const c10::optional<at::Tensor>& dt_bias_opt,
+                                         const c10::optional<at::Tensor>& indices_opt,
+                                         bool dt_softplus) {
+  const at::Tensor* D = opt_ptr(D_opt);
+  const at::Tensor* z = opt_ptr(z_opt);
+  const at::Tensor* dt_bias = opt_ptr(dt_bias_opt);
+  const at::Tensor* indices = opt_ptr(indices_opt);
+
+  // Shapes. The state's rank picks the form; its middle dimensions are the channels,
+  // (nheads, headdim) for Mamba-2 and (dim,) for Mamba-1.
+  TORCH_CHECK_VALUE(state.dim() == 3 || state.dim() == 4, kOp,
+                    ": state must have 3 dimensions (state_batch, dim, dstate) or 4 "
+                    "(state_batch, nheads, headdim, dstate), got ",
+                    state.dim(), " with shape ", shape_str(state.sizes()));
+  const bool has_heads = state.dim() == 4;
+  const char* x_dims = has_heads ? "(batch, nheads, headdim)" : "(batch, dim)";
+  const char* A_dims = has_heads ? "(nheads, headdim, dstate)" : "(dim, dstate)";
+  const char* weight_dims = has_heads ? "(nheads, headdim)" : "(dim,)";
+  const char* B_dims = B.dim() == 3 ? "(batch, ngroups, dstate)" : "(batch, dstate)";
+  const std::vector<int64_t> channels(state.sizes().begin() + 1, state.sizes().end() - 1);
+  const int64_t nheads = state.size(1);  // dim for Mamba-1
+  const int64_t dstate = state.size(-1);
+  TORCH_CHECK_VALUE(dstate >= 1 && dstate <= kSelectiveStateUpdateMaxDstate, kOp,
+                    ": state must have dstate (its last dimension) in [1, ",
+                    kSelectiveStateUpdateMaxDstate, "], got ", dstate);
+  check_rank(kOp, "x", x, state.dim() - 1, x_dims);
+  const int64_t batch = x.size(0);
+  std::vector<int64_t> x_shape{batch};
+  x_shape.insert(x_shape.end(), channels.begin(), channels.end());
+  std::vector<int64_t> A_shape(channels);
+  A_shape.push_back(dstate);
+  check_shape(kOp, "x", x, x_shape, x_dims);
+  check_shape(kOp, "dt", dt, x_shape, x_dims);
+  check_shape(kOp, "A", A, A_shape, A_dims);
+  if (has_heads) {
+    check_rank(kOp, "B", B, 3, B_dims);
+  } else {
+    TORCH_CHECK_VALUE(B.dim() == 2 || B.dim() == 3, kOp,
+                      ": B must have 2 dimensions (batch, dstate) or 3 (batch, ngroups, dstate), "
+                      "got ",
+                      B.dim(), " with shape ", shape_str(B.sizes()));
+  }
+  const int64_t ngroups = B.dim() == 3 ? B.size(1) : 1;
+  TORCH_CHECK_VALUE(ngroups >= 1 && nheads % ngroups == 0, kOp, ": B must have ngroups dividing ",
+                    has_heads ? "nheads" : "dim", " = ", nheads, ", got ngroups = ", ngroups);
+  const std::vector<int64_t> B_shape = B.dim() == 3 ? std::vector<int64_t>{batch, ngroups, dstate}
+                                                    : std::vector<int64_t>{batch, dstate};
+  check_shape(kOp, "B", B, B_shape, B_dims);
+  check_shape(kOp, "C", C, B_shape, B_dims);
+  if (D) check_shape(kOp, "D", *D, channels, weight_dims);
+  if (z) check_shape(kOp, "z", *z, x_shape, x_dims);
+  if (dt_bias) check_shape(kOp, "dt_bias", *dt_bias, channels, weight_dims);
+  if (indices) {
+    check_shape(kOp, "state_batch_indices", *indices, {batch}, "(batch,)");
+  } else {
+    TORCH_CHECK_VALUE(state.size(0) == batch, kOp, ": state must have state_batch = batch = ",
+                      batch, " rows when state_batch_indices is absent, got ", state.size(0));
+  }
+  TORCH_CHECK_VALUE(at::has_internal_overlap(state) != at::MemOverlap::Yes, kOp,
+                    ": state must not have overlapping memory (it is updated in place), got "
+                    "strides ",
+                    shape_str(state.strides()));
+
+  // Dtypes.
+  check_dtype_in(kOp, "x", x, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
+  const at::ScalarType input_type = x.scalar_type();
+  const at::ScalarType weight_type = weight_dtype_for(input_type);
+  const char* weight_why = "float32, float64 for float64 x";
+  check_dtype_either("state", state, weight_type, input_type, "like x");
+  check_dtype_either("dt", dt, input_type, at::kFloat, "like x");
+  check_dtype(kOp, "A", A, weight_type, weight_why);
+  check_dtype(kOp, "B", B, input_type, "like x");
+  check_dtype(kOp, "C", C, input_type, "like x");
+  if (D) check_dtype(kOp, "D", *D, weight_type, weight_why);
+  if (z) check_dtype(kOp, "z", *z, input_type, "like x");
+  if (dt_bias) check_dtype(kOp, "dt_bias", *dt_bias, weight_type, weight_why);
+  if (indices) check_dtype(kOp, "state_batch_indices", *indices, at::kInt, "row indices");
+
+  // Devices.
+  const std::initializer_list<std::pair<const char*, const at::Tensor*>> named_tensors{
+      {"state", &state}, {"dt", &dt}, {"A", &A}, {"B", &B}, {"C", &C}, {"D", D}, {"z", z},
+      {"dt_bias", dt_bias}, {"state_batch_indices", indices}};
+  for (const auto& [name, t] : named_tensors) {
+    if (t) check_device(kOp, name, *t, x.device(), "x");
+  }
+
+  // The index tensor is tiny: a contiguous copy, where it is strided, spares the kernel a stride.
+  const at::Tensor state_rows = indices ? indices->contiguous() : at::Tensor();  // (batch,)
+  if (indices) check_state_batch_indices(state_rows, state.size(0));
+
+  at::Tensor out = at::empty(x.sizes(), x.options());  // (batch, nheads, headdim) or (batch, dim)
+
+  // The Mamba-1 form as a Mamba-2 view: dim splits into (nheads = ngroups, headdim), and B and C
+  // get their group dimension.
+  const auto lift = [&](const at::Tensor& t, int64_t channel_dim) {
+    return has_heads || !t.defined() ? t : t.unflatten(channel_dim, {ngroups, nheads / ngroups});
+  };
+  const at::Tensor state4 = lift(state, 1);  // (state_batch, nheads, headdim, dstate)
+  const at::Tensor x3 = lift(x, 1);  // (batch, nheads, headdim)
+  const at::Tensor dt3 = lift(dt, 1);  // (batch, nheads, headdim)
+  const at::Tensor z3 = lift(z ? *z : at::Tensor(), 1);  // (batch, nheads, headdim)
+  const at::Tensor out3 = lift(out, 1);  // (batch, nheads, headdim)
+  const at::Tensor A3 = lift(A, 0);  // (nheads, headdim, dstate)
+  const at::Tensor D2 = lift(D ? *D : at::Tensor(), 0);  // (nheads, headdim)
+  const at::Tensor dt_bias2 = lift(dt_bias ? *dt_bias : at::Tensor(), 0);  // (nheads, headdim)
+  const at::Tensor B3 = B.dim() == 3 ? B : B.unsqueeze(1);  // (batch, ngroups, dstate)
+  const at::Tensor C3 = C.dim() == 3 ? C : C.unsqueeze(1);  // (batch, ngroups, dstate)
+
+  SelectiveStateUpdateParams params{};
+  params.batch = batch;
+  params.nheads = state4.size(1);
+  params.headdim = state4.size(2);
+  params.dstate = dstate;
+  params.ngroups = ngroups;
+  params.state_batch = state4.size(0);
+  params.state_batch_stride = state4.stride(0);
+  params.state_head_stride = state4.stride(1);
+  params.state_headdim_stride = state4.stride(2);
+  params.state_dstate_stride = state4.stride(3);
+  params.x_batch_stride = x3.stride(0);
+  params.x_head_stride = x3.stride(1);
+  params.x_headdim_stride = x3.stride(2);
+  params.dt_batch_stride = dt3.stride(0);
+  params.dt_head_stride = dt3.stride(1);
+  params.dt_headdim_stride = dt3.stride(2);
+  params.A_head_stride = A3.stride(0);
+  params.A_headdim_stride = A3.stride(1);
+  params.A_dstate_stride = A3.stride(2);
+  params.B_batch_stride = B3.stride(0);
+  params.B_group_stride = B3.stride(1);
+  params.B_dstate_stride = B3.stride(2);
+  params.C_batch_stride = C3.stride(0);
+  params.C_group_stride = C3.stride(1);
+  params.C_dstate_stride = C3.stride(2);
+  params.D_head_stride = stride_or_zero(D2, 0);
+  params.D_headdim_stride = stride_or_zero(D2, 1);
+  params.z_batch_stride = stride_or_zero(z3, 0);
+  params.z_head_stride = stride_or_zero(z3, 1);
+  params.z_headdim_stride = stride_or_zero(z3, 2);
+  params.dt_bias_head_stride = stride_or_zero(dt_bias2, 0);
+  params.dt_bias_headdim_stride = stride_or_zero(dt_bias2, 1);
+  params.out_batch_stride = out3.stride(0);
+  params.out_head_stride = out3.stride(1);
+  params.out_headdim_stride = out3.stride(2);
+  params.state = state4.data_ptr();
+  params.x = x3.const_data_ptr();
+  params.dt = dt3.const_data_ptr();
+  params.A = A3.const_data_ptr();
+  params.B = B3.const_data_ptr();
+  params.C = C3.const_data_ptr();
+  params.D = D2.defined() ? D2.const_data_ptr() : nullptr;
+  params.z = z3.defined() ? z3.const_data_ptr() : nullptr;
+  params.dt_bias = dt_bias2.defined() ? dt_bias2.const_data_ptr() : nullptr;
+  params.state_batch_indices = indices ? state_rows.const_data_ptr<int32_t>() : nullptr;
+  params.out = out3.data_ptr();
+  params.dt_softplus = dt_softplus;
+  params.dt_is_float = dt.scalar_type() != input_type;
+
+  MAMBA_DISPATCH_INPUT_TYPES(input_type, kOp, [&] {
+    if (state.scalar_type() == input_type) {
+      selective_state_update_cpu<input_t, input_t>(params);
+    } else {
+      selective_state_update_cpu<input_t, acc_type<input_t>>(params);
+    }
+  });
+  // Record the in-place update as ATen's in-place ops do, so that autograd refuses a backward
+  // that would read a state some other op saved before this overwrote it. (Inference tensors
+  // have no version counter.)
+  if (!state.is_inference()) state.unsafeGetTensorImpl()->bump_version();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mamba_ext, CPU, m) {
+  m.impl("selective_state_update", &selective_state_update_cpu_op);
+}
+
+// The op has no backward (a decode step), and torch.library.register_autograd refuses ops that
+// mutate an input. Left unregistered, PyTorch's default lets gradients through it come back as
+// None with a warning; its fallback for built-in ops instead makes backward raise "derivative
+// for mamba_ext::selective_state_update is not implemented" and refuses a leaf state that
+// requires grad.
+TORCH_LIBRARY_IMPL(mamba_ext, Autograd, m) {
+  m.impl("selective_state_update", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace mamba_ext

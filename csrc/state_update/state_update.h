@@ -1,0 +1,54 @@
+// Params of selective_state_update: one recurrent step of the selective SSM, in place on the state.
+//
+// Kernels see every call in the Mamba-2 form. The host lifts the Mamba-1 form (state
+// (state_batch, dim, dstate)) to it by splitting dim into (nheads = ngroups, headdim =
+// dim / ngroups), a view: with the usual 2-D B and C that is nheads = 1.
+#pragma once
+
+#include <cstdint>
+
+namespace mamba_ext {
+
+struct SelectiveStateUpdateParams {
+  // Sizes.
+  int64_t batch, nheads, headdim, dstate;
+  int64_t ngroups;      // B and C are shared by nheads / ngroups consecutive heads
+  int64_t state_batch;  // rows of the state pool; equals batch without state_batch_indices
+  // Strides in elements (int64: products of sizes overflow int32). A stride is 0 where the
+  // caller broadcast the tensor (Mamba-2 expands A, dt, dt_bias and D over headdim and dstate),
+  // and every stride of an absent optional tensor is 0.
+  int64_t state_batch_stride, state_head_stride, state_headdim_stride, state_dstate_stride;
+  int64_t x_batch_stride, x_head_stride, x_headdim_stride;
+  int64_t dt_batch_stride, dt_head_stride, dt_headdim_stride;
+  int64_t A_head_stride, A_headdim_stride, A_dstate_stride;
+  int64_t B_batch_stride, B_group_stride, B_dstate_stride;
+  int64_t C_batch_stride, C_group_stride, C_dstate_stride;
+  int64_t D_head_stride, D_headdim_stride;
+  int64_t z_batch_stride, z_head_stride, z_headdim_stride;
+  int64_t dt_bias_head_stride, dt_bias_headdim_stride;
+  int64_t out_batch_stride, out_head_stride, out_headdim_stride;
+  // Pointers, with the shape they point to. input_t is x's type, acc_t = acc_type<input_t>.
+  void* state;                         // (state_batch, nheads, headdim, dstate) state_t, updated
+  const void* x;                       // (batch, nheads, headdim) input_t
+  const void* dt;                      // (batch, nheads, headdim) input_t, or float if dt_is_float
+  const void* A;                       // (nheads, headdim, dstate) acc_t
+  const void* B;                       // (batch, ngroups, dstate) input_t
+  const void* C;                       // (batch, ngroups, dstate) input_t
+  const void* D;                       // (nheads, headdim) acc_t, or nullptr
+  const void* z;                       // (batch, nheads, headdim) input_t, or nullptr
+  const void* dt_bias;                 // (nheads, headdim) acc_t, or nullptr
+  const int32_t* state_batch_indices;  // (batch,) the state row of each batch entry, or nullptr
+  void* out;                           // (batch, nheads, headdim) input_t
+  // Flags.
+  bool dt_softplus;
+  bool dt_is_float;  // dt is float32 while x is not: read per row, so it costs no instantiation
+};
+
+// The largest dstate the kernels take: the CPU kernel keeps a few rows of this length on the stack.
+constexpr int64_t kSelectiveStateUpdateMaxDstate = 256;
+
+// state_t is acc_type<input_t> (the usual fp32 state) or input_t (a state kept in bf16 / fp16).
+template <typename input_t, typename state_t>
+void selective_state_update_cpu(const SelectiveStateUpdateParams& params);
+
+}  // namespace mamba_ext

@@ -1,0 +1,326 @@
+"""selective_state_update (one decode step, in place on the state) against the float64 reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import DEVICES, assert_close, strided
+from mamba_ext.ops import selective_state_update
+from mamba_ext.reference import selective_state_update_ref
+
+OP = torch.ops.mamba_ext.selective_state_update.default
+OPTIONALS = ("D", "z", "dt_bias")
+
+
+def make_case(device, *, nheads=None, dim=37, dstate=16, ngroups=1, batch=3, dtype=torch.float32,
+              state_dtype=None, optionals=OPTIONALS, dt_softplus=True, broadcast=False,
+              dt_dtype=None, state_pool=None):
+    """The keyword arguments of one call, on random data.
+
+    Mamba-2 form when `nheads` is given (`dim` is then headdim), Mamba-1 form otherwise (2-D B
+    and C when ngroups is 1). `broadcast` passes A, dt, dt_bias and D as Mamba2 does: per-head
+    values expanded with stride 0. `state_pool` > batch adds state_batch_indices into a larger
+    state.
+    """
+    weight = torch.float64 if dtype == torch.float64 else torch.float32
+    channels = (nheads, dim) if nheads else (dim,)
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, dtype=dt, device=device)
+
+    def rand(*shape, dt=weight):
+        return torch.rand(*shape, dtype=dt, device=device)
+
+    pool = state_pool or batch
+    if broadcast:
+        assert nheads, "Mamba2's broadcast is over headdim"
+        A_head = -(rand(nheads) + 0.5)
+        A = A_head[:, None, None].expand(nheads, dim, dstate)
+        dt = (0.5 * rand(batch, nheads, dt=dt_dtype or dtype) + 0.05)[..., None].expand(
+            batch, nheads, dim)
+        D = randn(nheads, dt=weight)[:, None].expand(nheads, dim)
+        dt_bias = (0.5 * rand(nheads))[:, None].expand(nheads, dim)
+    else:
+        A = -(rand(*channels, dstate) + 0.5)
+        dt = 0.5 * rand(batch, *channels, dt=dt_dtype or dtype) + 0.05
+        D = randn(*channels, dt=weight)
+        dt_bias = 0.5 * rand(*channels)
+    B_shape = (batch, ngroups, dstate) if nheads or ngroups > 1 else (batch, dstate)
+    case = dict(
+        state=randn(pool, *channels, dstate, dt=state_dtype or weight),
+        x=randn(batch, *channels), dt=dt, A=A, B=randn(*B_shape), C=randn(*B_shape),
+        D=D, z=randn(batch, *channels), dt_bias=dt_bias, dt_softplus=dt_softplus,
+        state_batch_indices=None)
+    if state_pool:
+        case["state_batch_indices"] = torch.randperm(pool, device=device)[:batch].to(torch.int32)
+    for name in OPTIONALS:
+        if name not in optionals:
+            case[name] = None
+    return case
+
+
+def as_float64(case):
+    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in case.items()}
+
+
+def check_against_reference(case):
+    """Runs the op on a copy of the state and the reference in float64; compares out and state."""
+    state = case["state"].clone()
+    out = selective_state_update(**{**case, "state": state})
+    ref_case = as_float64(case)
+    out_ref = selective_state_update_ref(**ref_case)
+    assert_close(out, out_ref, case["x"].dtype, "out")
+    assert out.dtype == case["x"].dtype and out.is_contiguous()
+    assert_close(state, ref_case["state"], case["state"].dtype, "state")
+    return state
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dstate", [1, 16, 64, 256])
+@pytest.mark.parametrize("nheads", [None, 5], ids=["mamba1", "mamba2"])
+def test_matches_reference(device, nheads, dstate, dtype):
+    # Odd dim (Mamba-1) and headdim (Mamba-2).
+    check_against_reference(make_case(device, nheads=nheads, dim=37 if nheads is None else 7,
+                                      dstate=dstate, dtype=dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dt_softplus", [False, True])
+@pytest.mark.parametrize("optionals", [(), ("D",), ("z",), ("dt_bias",), OPTIONALS],
+                         ids=["none", "D", "z", "dt_bias", "all"])
+@pytest.mark.parametrize("nheads", [None, 4], ids=["mamba1", "mamba2"])
+def test_optionals(device, nheads, optionals, dt_softplus):
+    check_against_reference(make_case(device, nheads=nheads, dim=9, optionals=optionals,
+                                      dt_softplus=dt_softplus))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nheads, dim, ngroups", [(6, 5, 2), (6, 5, 3), (6, 5, 6), (None, 12, 3)],
+                         ids=["mamba2-g2", "mamba2-g3", "mamba2-g6", "mamba1-g3"])
+def test_groups(device, nheads, dim, ngroups):
+    check_against_reference(make_case(device, nheads=nheads, dim=dim, ngroups=ngroups, dstate=32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba2_broadcast_weights(device, dtype):
+    case = make_case(device, nheads=4, dim=8, dstate=64, dtype=dtype, broadcast=True)
+    assert case["A"].stride() == (1, 0, 0) and case["dt"].stride()[-1] == 0
+    check_against_reference(case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, state_dtype, dt_dtype", [
+    (torch.bfloat16, torch.bfloat16, None),  # mamba-ssm allows a state in x's dtype
+    (torch.float16, torch.float16, None),
+    (torch.bfloat16, torch.float32, torch.float32),  # dt kept in float32 with bf16 x
+    (torch.float64, torch.float64, None),
+    (torch.float64, torch.float64, torch.float32),
+])
+def test_dtypes(device, dtype, state_dtype, dt_dtype):
+    check_against_reference(make_case(device, nheads=3, dim=8, dtype=dtype,
+                                      state_dtype=state_dtype, dt_dtype=dt_dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nheads", [None, 3], ids=["mamba1", "mamba2"])
+def test_strided_inputs(device, nheads):
+    case = make_case(device, nheads=nheads, dim=9, dstate=32, ngroups=1)
+    for name in ("x", "z", "B", "C", "dt"):
+        case[name] = strided(case[name])
+    check_against_reference(case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_state(device):
+    """A state that is a slice of a wider pool, and one whose dstate is not the unit stride."""
+    case = make_case(device, nheads=3, dim=8, dstate=16)
+    case["state"] = strided(case["state"], dim=2)
+    check_against_reference(case)
+    transposed = case["state"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert transposed.stride(-1) != 1
+    check_against_reference({**case, "state": transposed})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nheads", [None, 4], ids=["mamba1", "mamba2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_batch_indices(device, nheads, dtype):
+    case = make_case(device, nheads=nheads, dim=6, dtype=dtype, batch=3, state_pool=8)
+    state = check_against_reference(case)
+    untouched = torch.ones(8, dtype=torch.bool, device=device)
+    untouched[case["state_batch_indices"].long()] = False
+    assert torch.equal(state[untouched], case["state"][untouched])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nheads", [None, 4], ids=["mamba1", "mamba2"])
+def test_token_by_token_matches_sequential_scan(device, nheads):
+    """seqlen decode steps equal one sequential scan over the sequence, written out here."""
+    seqlen, batch = 9, 2
+    steps = [make_case(device, nheads=nheads, dim=5, dstate=8, batch=batch, ngroups=1)
+             for _ in range(seqlen)]
+    weights = {k: steps[0][k] for k in ("A", "D", "dt_bias")}  # shared by every token
+    state = steps[0]["state"].clone()
+    h = state.double()
+    outs, outs_ref = [], []
+    for step in steps:
+        step.update(weights)
+        outs.append(selective_state_update(**{**step, "state": state}))
+        s = as_float64(step)
+        dt = F.softplus(s["dt"] + s["dt_bias"])
+        # B, C: (batch, dstate) or (batch, 1, dstate), broadcast over dim or (nheads, headdim).
+        B, C = s["B"][..., None, :], s["C"][..., None, :]
+        h = torch.exp(s["A"] * dt[..., None]) * h + (dt * s["x"])[..., None] * B
+        y = (h * C).sum(-1) + s["D"] * s["x"]
+        outs_ref.append(y * F.silu(s["z"]))
+    assert_close(torch.stack(outs), torch.stack(outs_ref), torch.float32, "out")
+    assert_close(state, h, torch.float32, "state")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nheads, optionals, state_pool", [
+    (None, (), None), (None, OPTIONALS, None), (4, OPTIONALS, 6)],
+    ids=["mamba1-bare", "mamba1-all", "mamba2-all-indices"])
+def test_opcheck(device, nheads, optionals, state_pool):
+    case = make_case(device, nheads=nheads, dim=6, optionals=optionals, state_pool=state_pool)
+    args = tuple(case[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias",
+                                   "state_batch_indices", "dt_softplus"))
+    torch.library.opcheck(OP, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_matches_eager(device):
+    """Two decode steps in one fullgraph-compiled function, the state mutation included."""
+    case = make_case(device, nheads=4, dim=8, dstate=16, broadcast=True)
+
+    def two_steps(state, x, dt, A, B, C, D, z, dt_bias):
+        y1 = selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
+        y2 = selective_state_update(state, y1, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
+        return y1 + y2
+
+    args = [case[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")]
+    state_eager, state_compiled = case["state"].clone(), case["state"].clone()
+    out_eager = two_steps(state_eager, *args)
+    out_compiled = torch.compile(two_steps, fullgraph=True)(state_compiled, *args)
+    torch.testing.assert_close(out_compiled, out_eager)
+    torch.testing.assert_close(state_compiled, state_eager)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autograd(device):
+    """No backward: the forward runs under grad mode, backward through it raises, and the state's
+    version counter records the update so a backward that saved the old state refuses to run."""
+    case = make_case(device, nheads=2, dim=4)
+    A_log = torch.randn(2, 4, 16, device=device, requires_grad=True)
+    out = selective_state_update(**{**case, "A": -torch.exp(A_log)})
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match="derivative for mamba_ext::selective_state_update is "
+                                           "not implemented"):
+        out.sum().backward()
+
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        selective_state_update(**{**case, "state": case["state"].clone().requires_grad_()})
+
+    scale = torch.randn(case["state"].shape, device=device, requires_grad=True)
+    loss = (scale * case["state"]).sum()  # saves the state for its backward
+    version = case["state"]._version
+    selective_state_update(**case)
+    assert case["state"]._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def _without(name):
+    return lambda case: {**case, name: None}
+
+
+def _replace(name, make):
+    return lambda case: {**case, name: make(case)}
+
+
+# (id, Mamba-2 form?, change to a valid case, exception type, message pattern): one per check.
+BAD_INPUTS = [
+    ("state-rank", True, _replace("state", lambda c: c["state"][0, 0]), ValueError,
+     "state must have 3 dimensions"),
+    ("dstate-too-large", False,
+     lambda c: {**c, "state": torch.randn(3, 37, 300), "A": -torch.rand(37, 300),
+                "B": torch.randn(3, 300), "C": torch.randn(3, 300)},
+     ValueError, r"state must have dstate \(its last dimension\) in \[1, 256\], got 300"),
+    ("x-rank", False, _replace("x", lambda c: c["x"][..., None]), ValueError,
+     r"x must have 2 dimensions \(batch, dim\)"),
+    ("x-shape", True, _replace("x", lambda c: c["x"][:, :, :-1]), ValueError,
+     r"x must have shape \(batch, nheads, headdim\) = \(3, 4, 6\), got \(3, 4, 5\)"),
+    ("dt-shape", True, _replace("dt", lambda c: c["dt"][:2]), ValueError, "dt must have shape"),
+    ("A-shape", True, _replace("A", lambda c: c["A"][:, :, :8]), ValueError,
+     r"A must have shape \(nheads, headdim, dstate\) = \(4, 6, 16\), got \(4, 6, 8\)"),
+    ("B-rank-mamba2", True, _replace("B", lambda c: c["B"][:, 0]), ValueError,
+     "B must have 3 dimensions"),
+    ("B-rank-mamba1", False, _replace("B", lambda c: c["B"][None, None]), ValueError,
+     r"B must have 2 dimensions \(batch, dstate\) or 3"),
+    ("ngroups", True, _replace("B", lambda c: torch.randn(3, 3, 16)), ValueError,
+     "B must have ngroups dividing nheads = 4, got ngroups = 3"),
+    ("B-shape", True, _replace("B", lambda c: c["B"][:, :, :8]), ValueError, "B must have shape"),
+    ("C-shape", True, _replace("C", lambda c: c["C"][:, :, :8]), ValueError, "C must have shape"),
+    ("D-shape", True, _replace("D", lambda c: c["D"][0]), ValueError,
+     r"D must have shape \(nheads, headdim\)"),
+    ("z-shape", True, _replace("z", lambda c: c["z"][:, :2]), ValueError, "z must have shape"),
+    ("dt_bias-shape", False, _replace("dt_bias", lambda c: c["dt_bias"][:5]), ValueError,
+     r"dt_bias must have shape \(dim,\)"),
+    ("state_batch-without-indices", True, _replace("state", lambda c: c["state"][:2]), ValueError,
+     "state must have state_batch = batch = 3 rows when state_batch_indices is absent, got 2"),
+    ("state-overlap", True,
+     _replace("state", lambda c: c["state"][:1].expand(3, -1, -1, -1)), ValueError,
+     "state must not have overlapping memory"),
+    ("indices-shape", True,
+     _replace("state_batch_indices", lambda c: torch.arange(4, dtype=torch.int32)), ValueError,
+     r"state_batch_indices must have shape \(batch,\) = \(3,\)"),
+    ("indices-out-of-range", True,
+     _replace("state_batch_indices", lambda c: torch.tensor([0, 3, 1], dtype=torch.int32)),
+     ValueError, r"state_batch_indices must hold rows of state in \[0, 3\), got 3 at position 1"),
+    ("indices-negative", True,
+     _replace("state_batch_indices", lambda c: torch.tensor([0, -1, 1], dtype=torch.int32)),
+     ValueError, "state_batch_indices must hold rows of state in"),
+    ("indices-repeated", True,
+     _replace("state_batch_indices", lambda c: torch.tensor([2, 0, 2], dtype=torch.int32)),
+     ValueError, "state_batch_indices must not repeat a row .* got row 2 at positions 0 and 2"),
+    ("x-dtype", True, _replace("x", lambda c: c["x"].int()), TypeError,
+     "x must have dtype in"),
+    ("state-dtype", True, _replace("state", lambda c: c["state"].half()), TypeError,
+     "state must have dtype Float"),
+    ("dt-dtype", True, _replace("dt", lambda c: c["dt"].double()), TypeError, "dt must have dtype"),
+    ("A-dtype", True, _replace("A", lambda c: c["A"].double()), TypeError,
+     r"A must have dtype Float \(float32, float64 for float64 x\), got Double"),
+    ("B-dtype", True, _replace("B", lambda c: c["B"].bfloat16()), TypeError,
+     r"B must have dtype Float \(like x\)"),
+    ("C-dtype", True, _replace("C", lambda c: c["C"].bfloat16()), TypeError, "C must have dtype"),
+    ("D-dtype", True, _replace("D", lambda c: c["D"].double()), TypeError, "D must have dtype"),
+    ("z-dtype", True, _replace("z", lambda c: c["z"].double()), TypeError, "z must have dtype"),
+    ("dt_bias-dtype", True, _replace("dt_bias", lambda c: c["dt_bias"].half()), TypeError,
+     "dt_bias must have dtype"),
+    ("indices-dtype", True,
+     _replace("state_batch_indices", lambda c: torch.arange(3)), TypeError,
+     "state_batch_indices must have dtype Int"),
+]
+
+
+@pytest.mark.parametrize("name, has_heads, change, error, match", BAD_INPUTS,
+                         ids=[row[0] for row in BAD_INPUTS])
+def test_bad_input(name, has_heads, change, error, match):
+    case = make_case("cpu", nheads=4 if has_heads else None, dim=6 if has_heads else 37)
+    if name.startswith("indices-"):
+        case["state_batch_indices"] = torch.arange(3, dtype=torch.int32)
+    with pytest.raises(error, match=f"^selective_state_update: {match}"):
+        selective_state_update(**change(case))
+
+
+def test_bad_device():
+    """The CPU kernel called with a tensor elsewhere (meta: this machine may have no GPU)."""
+    case = make_case("cpu", nheads=4, dim=6)
+    args = [case[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias",
+                              "state_batch_indices", "dt_softplus")]
+    args[4] = args[4].to("meta")
+    cpu_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    with pytest.raises(ValueError, match=r"B must be on cpu \(like x\), got meta"):
+        OP.redispatch(cpu_only, *args)

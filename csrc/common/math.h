@@ -39,6 +39,7 @@ template <typename T> MAMBA_HOST_DEVICE T silu_grad(T x) {
 // with a two-part ln 2 so it is exact, exp(r) by its Taylor series to degree 7 on |r| <= ln2 / 2
 // (truncation < 1e-8, below float rounding). Inputs are clamped to [-87, 88]: exp(-87) is 1.6e-38,
 // far below anything a sum over the state can resolve, and beyond 88 float overflows anyway.
+// The clamp vectorises only without trapping math: the build passes -fno-trapping-math.
 inline float exp_polynomial(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to integer

@@ -28,7 +28,7 @@ def with_cuda():
 
 
 def extension():
-    cxx_flags = ["-O3", "-fno-trapping-math", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    cxx_flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     common = dict(
         name="mamba_ext._C",
         include_dirs=[os.path.join(HERE, "csrc")],

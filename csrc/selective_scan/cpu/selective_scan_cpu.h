@@ -1,13 +1,17 @@
 // What the CPU forward and backward kernels of the selective scan share: the split of channels
-// into blocks, the walk over time in chunks, the gathers that turn a chunk of B or C into
-// contiguous [step][dstate] rows, and float math written so that loops calling it vectorise.
+// into blocks and lane groups, the walk over time in chunks, the loads that put a chunk in the
+// layout the recurrence reads, and float math written so that loops calling it vectorise.
 //
-// Layout of the work: a block is a few channels of one group, so they read the same B and C.
-// Time is walked in chunks; each chunk of B and C is gathered once per block into [step][dstate]
-// buffers (B's dstate stride is seqlen, so vectorising over dstate needs that transpose), and
-// then every channel of the block runs its recurrence over the chunk with an inner loop over
-// dstate that the compiler vectorises. dstate is padded to a multiple of kLanes with zeros in A,
-// B, C and h, which leaves the padded lanes of h at zero and the sums unchanged.
+// Layout of the work: a block is a few channels of one group, so they read the same B and C; it
+// is walked as lane groups of kLanes channels, the vector lanes of the recurrence. Time is walked
+// in chunks. Per chunk, activations are loaded as (step, lane) rows, B and C as (step, state,
+// lane) rows (a variable one gathered once per block and repeated over the lanes; a constant one
+// is a (state, lane) row per lane group, read at every step), and each lane group runs
+// h[n][lane] = exp(dt[lane] A[n][lane]) h[n][lane] + dt[lane] u[lane] B[n][lane] with an inner
+// loop over the lanes that the compiler turns into straight vector code. Vectorising over
+// channels rather than dstate leaves no sum across lanes in a step and no padding of dstate.
+// Padding lanes (a group's channel count need not be a multiple of kLanes) carry zeros:
+// u = 0 and A = 0 keep their state at zero, and their results are not stored.
 #pragma once
 
 #include <algorithm>
@@ -31,38 +35,42 @@
 namespace mamba_ext {
 namespace selective_scan_cpu {
 
-// dstate is padded to a multiple of this: 8 floats fill an AVX2 register. The hot loops walk
-// dstate in blocks of kLanes with an inner loop of fixed length, which the compiler turns into
-// straight vector code, and keep sums over dstate as kLanes partial sums (sum_lanes at the end
-// of a step) rather than as an OpenMP reduction, which GCC spills to memory in every clone.
+// Channels per lane group: 8 floats fill an AVX2 register.
 constexpr int64_t kLanes = 8;
-// Steps of a chunk in the forward: its [step][dstate] buffers of B and C stay in L1 / L2.
-constexpr int64_t kForwardChunk = 256;
-// A block has at most this many channels (it shares one gather of each chunk of B and C), and
-// a group at most kMaxBlocksPerGroup blocks: the backward keeps a float partial of the variable
-// dB and dC per block, so this bounds that scratch to kMaxBlocksPerGroup times their size.
-constexpr int64_t kBlockChannels = 16;
+// A block has about this many channels (they share one gather of each chunk of B and C), and a
+// group at most kMaxBlocksPerGroup blocks: the backward keeps a float partial of a variable dB
+// and dC per block, so this bounds that scratch to kMaxBlocksPerGroup times their size.
+constexpr int64_t kBlockChannels = 32;
 constexpr int64_t kMaxBlocksPerGroup = 64;
+// A chunk's (step, state, lane) buffers hold about this many floats (64 KiB, within L2), which
+// sets the chunk length: 128 steps at dstate 16, 32 at dstate 64, 16 from dstate 128, capped at
+// max_chunk.
+constexpr int64_t kChunkFloats = 16384;
+constexpr int64_t kMinChunk = 16;
 
 template <typename acc_t> constexpr acc_t kLog2e = acc_t(1.4426950408889634);
 
-inline int64_t padded_dstate(int64_t dstate) { return (dstate + kLanes - 1) / kLanes * kLanes; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The channels of each group split into blocks of nearly equal length; the split depends on
-// the shapes only, never on the number of threads, so every reduction over blocks is done in
-// the same order whatever the machine.
+inline int64_t chunk_length(int64_t dstate, int64_t max_chunk) {
+  return std::clamp(kChunkFloats / (dstate * kLanes), kMinChunk, max_chunk);
+}
+
+// The channels of each group split into blocks of whole lane groups; the split depends on the
+// shapes only, never on the number of threads, so every reduction over blocks is done in the
+// same order whatever the machine.
 struct ChannelBlocks {
-  int64_t channels_per_group, blocks_per_group, block_len, count;
+  int64_t channels_per_group, block_len, blocks_per_group, count;
 
-  ChannelBlocks(int64_t dim, int64_t ngroups)
-      : channels_per_group(dim / ngroups),
-        blocks_per_group(std::min(kMaxBlocksPerGroup,
-                                  (channels_per_group + kBlockChannels - 1) / kBlockChannels)),
-        block_len(blocks_per_group > 0
-                      ? (channels_per_group + blocks_per_group - 1) / blocks_per_group
-                      : 0),
-        count(ngroups * blocks_per_group) {}
+  ChannelBlocks(int64_t dim, int64_t ngroups) : channels_per_group(dim / ngroups) {
+    const int64_t wanted =
+        std::min(kMaxBlocksPerGroup, ceil_div(channels_per_group, kBlockChannels));
+    block_len = wanted > 0 ? ceil_div(ceil_div(channels_per_group, wanted), kLanes) * kLanes : 0;
+    blocks_per_group = block_len > 0 ? ceil_div(channels_per_group, block_len) : 0;
+    count = ngroups * blocks_per_group;
+  }
 
+  int64_t lane_groups() const { return block_len / kLanes; }
   int64_t group(int64_t block) const { return block / blocks_per_group; }
   int64_t begin(int64_t block) const {
     return group(block) * channels_per_group + (block % blocks_per_group) * block_len;
@@ -72,13 +80,15 @@ struct ChannelBlocks {
   }
 };
 
-// The sum of kLanes partial sums as a tree: halves of a vector added, not eight dependent adds.
-template <typename acc_t> acc_t sum_lanes(const acc_t* lanes) {
-  static_assert(kLanes == 8, "sum_lanes adds 8 lanes");
-  acc_t half[4], quarter[2];
-  for (int64_t j = 0; j < 4; ++j) half[j] = lanes[j] + lanes[j + 4];
-  for (int64_t j = 0; j < 2; ++j) quarter[j] = half[j] + half[j + 2];
-  return quarter[0] + quarter[1];
+// The channels [first, first + count) of a lane group, count <= kLanes.
+struct Lanes {
+  int64_t first, count;
+};
+
+// Lane group `index` of the block [begin, end).
+inline Lanes lane_group(int64_t begin, int64_t end, int64_t index) {
+  const int64_t first = begin + index * kLanes;
+  return {first, std::min(kLanes, end - first)};
 }
 
 template <typename T> const T* typed(const void* p) { return static_cast<const T*>(p); }
@@ -143,8 +153,7 @@ inline float log1p_unit_interval(float e) {
   return 2.0f * s * p;
 }
 
-// softplus and sigmoid as common/math.h defines them, in arithmetic that vectorises for float
-// (common/math.h's exp_polynomial has the ?: clamp above, which does not).
+// softplus and sigmoid as common/math.h defines them, in arithmetic that vectorises for float.
 inline float exp_vectorisable(float x) { return exp2_polynomial(x * kLog2e<float>); }
 inline float softplus_vectorisable(float x) {
   const float log_term = log1p_unit_interval(exp_vectorisable(-std::fabs(x)));
@@ -154,147 +163,168 @@ inline double softplus_vectorisable(double x) { return softplus(x); }
 inline float sigmoid_vectorisable(float x) { return 1.0f / (1.0f + exp_vectorisable(-x)); }
 inline double sigmoid_vectorisable(double x) { return sigmoid(x); }
 
-// dt of one chunk: delta gets delta_bias added in place (the backward needs it for the softplus
-// gradient), dt is its softplus (or itself), dt_u = dt u.
+// dt of a chunk, (len, kLanes): delta gets delta_bias (kLanes,) added in place (the backward
+// needs it for the softplus gradient), dt is its softplus (or itself), dt_u = dt u.
 template <typename acc_t>
-MAMBA_CPU_MULTIVERSION void compute_dt(int64_t len, acc_t delta_bias, bool delta_softplus,
-                                       const acc_t* __restrict u, acc_t* __restrict delta,
-                                       acc_t* __restrict dt, acc_t* __restrict dt_u) {
+MAMBA_CPU_MULTIVERSION void compute_dt(int64_t len, const acc_t* __restrict delta_bias,
+                                       bool delta_softplus, const acc_t* __restrict u,
+                                       acc_t* __restrict delta, acc_t* __restrict dt,
+                                       acc_t* __restrict dt_u) {
+  for (int64_t t = 0; t < len; ++t) {
+    acc_t* __restrict delta_t = delta + t * kLanes;
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) delta_t[j] += delta_bias[j];
+  }
   if (delta_softplus) {
 #pragma omp simd
-    for (int64_t t = 0; t < len; ++t) {
-      delta[t] += delta_bias;
-      dt[t] = softplus_vectorisable(delta[t]);
-    }
+    for (int64_t i = 0; i < len * kLanes; ++i) dt[i] = softplus_vectorisable(delta[i]);
   } else {
-#pragma omp simd
-    for (int64_t t = 0; t < len; ++t) dt[t] = delta[t] += delta_bias;
+    std::copy(delta, delta + len * kLanes, dt);
   }
 #pragma omp simd
-  for (int64_t t = 0; t < len; ++t) dt_u[t] = dt[t] * u[t];
+  for (int64_t i = 0; i < len * kLanes; ++i) dt_u[i] = dt[i] * u[i];
 }
 
-// Reads `len` elements of a row with a stride into acc_t.
+// Steps [t0, t0 + len) of the lane group's rows of batch entry b of a (batch, dim, seqlen)
+// activation, into dst (len, kLanes) with zeros in the padding lanes.
 template <typename input_t, typename acc_t>
-void load_row(const input_t* src, int64_t stride, int64_t len, acc_t* dst) {
-  for (int64_t t = 0; t < len; ++t) dst[t] = static_cast<acc_t>(src[t * stride]);
+void load_lanes(const void* base, int64_t batch_stride, int64_t dim_stride,
+                int64_t seqlen_stride, int64_t b, Lanes lanes, int64_t t0, int64_t len,
+                acc_t* dst) {
+  for (int64_t j = 0; j < kLanes; ++j) {
+    if (j >= lanes.count) {
+      for (int64_t t = 0; t < len; ++t) dst[t * kLanes + j] = acc_t(0);
+      continue;
+    }
+    const input_t* row = typed<input_t>(base) + b * batch_stride + (lanes.first + j) * dim_stride +
+                         t0 * seqlen_stride;
+    for (int64_t t = 0; t < len; ++t) dst[t * kLanes + j] = static_cast<acc_t>(row[t * seqlen_stride]);
+  }
 }
 
-template <typename acc_t, typename input_t>
-void store_row(const acc_t* src, int64_t len, input_t* dst, int64_t stride) {
-  for (int64_t t = 0; t < len; ++t) dst[t * stride] = static_cast<input_t>(src[t]);
+// The reverse of load_lanes: src (len, kLanes) into the lane group's rows, padding dropped.
+template <typename input_t, typename acc_t>
+void store_lanes(const acc_t* src, void* base, int64_t batch_stride, int64_t dim_stride,
+                 int64_t seqlen_stride, int64_t b, Lanes lanes, int64_t t0, int64_t len) {
+  for (int64_t j = 0; j < lanes.count; ++j) {
+    input_t* row = typed<input_t>(base) + b * batch_stride + (lanes.first + j) * dim_stride +
+                   t0 * seqlen_stride;
+    for (int64_t t = 0; t < len; ++t) row[t * seqlen_stride] = static_cast<input_t>(src[t * kLanes + j]);
+  }
 }
 
-// One channel's weights, padded to n_pad with zeros: A log2(e), and B and C when constant.
+// The lane group's rows of a (dim, dstate) weight times `scale`, into dst (dstate, kLanes).
 template <typename acc_t>
-void load_padded(const acc_t* src, int64_t stride, int64_t dstate, int64_t n_pad, acc_t scale,
-                 acc_t* dst) {
-  for (int64_t n = 0; n < dstate; ++n) dst[n] = src[n * stride] * scale;
-  std::fill(dst + dstate, dst + n_pad, acc_t(0));
+void load_weight_lanes(const void* base, int64_t dim_stride, int64_t dstate_stride,
+                       int64_t dstate, Lanes lanes, acc_t scale, acc_t* dst) {
+  for (int64_t n = 0; n < dstate; ++n)
+    for (int64_t j = 0; j < kLanes; ++j)
+      dst[n * kLanes + j] = j < lanes.count
+          ? typed<acc_t>(base)[(lanes.first + j) * dim_stride + n * dstate_stride] * scale
+          : acc_t(0);
 }
 
-// Row (b, d) of a (batch, dim, dstate) state, padded, into dst (n_pad); zeros when it is absent.
+// The lane group's entries of a (dim,) weight into dst (kLanes,); zeros when it is absent.
 template <typename acc_t>
-void load_state_row(const void* state, int64_t batch_stride, int64_t dim_stride,
-                    int64_t dstate_stride, int64_t b, int64_t d, int64_t dstate, int64_t n_pad,
-                    acc_t* dst) {
+void load_channel_lanes(const void* base, int64_t stride, Lanes lanes, acc_t* dst) {
+  for (int64_t j = 0; j < kLanes; ++j)
+    dst[j] = base != nullptr && j < lanes.count ? typed<acc_t>(base)[(lanes.first + j) * stride]
+                                                : acc_t(0);
+}
+
+// The lane group's rows of batch entry b of a (batch, dim, dstate) state into dst
+// (dstate, kLanes); zeros when it is absent.
+template <typename acc_t>
+void load_state_lanes(const void* state, int64_t batch_stride, int64_t dim_stride,
+                      int64_t dstate_stride, int64_t b, int64_t dstate, Lanes lanes, acc_t* dst) {
   if (state == nullptr) {
-    std::fill(dst, dst + n_pad, acc_t(0));
+    std::fill(dst, dst + dstate * kLanes, acc_t(0));
     return;
   }
-  load_padded(typed<acc_t>(state) + b * batch_stride + d * dim_stride, dstate_stride, dstate,
-              n_pad, acc_t(1), dst);
+  load_weight_lanes(typed<acc_t>(state) + b * batch_stride, dim_stride, dstate_stride, dstate,
+                    lanes, acc_t(1), dst);
 }
 
-// The chunk [t0, t0 + len) of row (b, d) of a (batch, dim, seqlen) activation into acc_t.
+template <typename acc_t>
+void store_state_lanes(const acc_t* src, void* state, int64_t batch_stride, int64_t dim_stride,
+                       int64_t dstate_stride, int64_t b, int64_t dstate, Lanes lanes) {
+  for (int64_t j = 0; j < lanes.count; ++j)
+    for (int64_t n = 0; n < dstate; ++n)
+      typed<acc_t>(state)[b * batch_stride + (lanes.first + j) * dim_stride + n * dstate_stride] =
+          src[n * kLanes + j];
+}
+
+// u, delta + delta_bias, dt and dt u of a lane group of batch entry b over [t0, t0 + len), each
+// (len, kLanes); delta_bias is the lane group's (kLanes,).
 template <typename input_t, typename acc_t>
-void load_activation(const void* base, int64_t batch_stride, int64_t dim_stride,
-                     int64_t seqlen_stride, int64_t b, int64_t d, int64_t t0, int64_t len,
-                     acc_t* dst) {
-  load_row(typed<input_t>(base) + b * batch_stride + d * dim_stride + t0 * seqlen_stride,
-           seqlen_stride, len, dst);
+void load_step_inputs(const SelectiveScanFwdParams& p, int64_t b, Lanes lanes, int64_t t0,
+                      int64_t len, const acc_t* delta_bias, acc_t* u, acc_t* delta, acc_t* dt,
+                      acc_t* dt_u) {
+  load_lanes<input_t>(p.u, p.u_batch_stride, p.u_dim_stride, p.u_seqlen_stride, b, lanes, t0,
+                      len, u);
+  load_lanes<input_t>(p.delta, p.delta_batch_stride, p.delta_dim_stride, p.delta_seqlen_stride,
+                      b, lanes, t0, len, delta);
+  compute_dt(len, delta_bias, p.delta_softplus, u, delta, dt, dt_u);
 }
 
-template <typename acc_t, typename input_t>
-void store_activation(const acc_t* src, void* base, int64_t batch_stride, int64_t dim_stride,
-                      int64_t seqlen_stride, int64_t b, int64_t d, int64_t t0, int64_t len) {
-  store_row(src, len, typed<input_t>(base) + b * batch_stride + d * dim_stride + t0 * seqlen_stride,
-            seqlen_stride);
-}
-
-// u, delta + delta_bias, dt and dt u of channel d of batch entry b over [t0, t0 + len).
-template <typename input_t, typename acc_t>
-void load_step_inputs(const SelectiveScanFwdParams& p, int64_t b, int64_t d, int64_t t0,
-                      int64_t len, acc_t* u, acc_t* delta, acc_t* dt, acc_t* dt_u) {
-  load_activation<input_t>(p.u, p.u_batch_stride, p.u_dim_stride, p.u_seqlen_stride, b, d, t0,
-                           len, u);
-  load_activation<input_t>(p.delta, p.delta_batch_stride, p.delta_dim_stride,
-                           p.delta_seqlen_stride, b, d, t0, len, delta);
-  const acc_t bias = p.delta_bias ? typed<acc_t>(p.delta_bias)[d * p.delta_bias_stride] : 0;
-  compute_dt(len, bias, p.delta_softplus, u, delta, dt, dt_u);
-}
-
-// A chunk of a variable B or C, (dstate, len) with strides, into [step][n_pad] rows with zero
-// padding. Reading along time in the inner loop keeps the source reads sequential.
-template <typename input_t, typename acc_t>
-void gather_chunk(const input_t* src, int64_t dstate_stride, int64_t seqlen_stride, int64_t dstate,
-                  int64_t n_pad, int64_t len, acc_t* dst) {
-  for (int64_t n = 0; n < dstate; ++n) {
-    const input_t* row = src + n * dstate_stride;
-    for (int64_t t = 0; t < len; ++t) dst[t * n_pad + n] = static_cast<acc_t>(row[t * seqlen_stride]);
-  }
-  for (int64_t t = 0; t < len; ++t) std::fill(dst + t * n_pad + dstate, dst + (t + 1) * n_pad, acc_t(0));
-}
-
-// B or C as the recurrence reads it: [step][n_pad] rows of acc_t. A variable one is gathered
-// chunk by chunk for the block's group; a constant one is loaded once per block, one row per
-// channel, and read at every step (step stride 0).
+// B or C as the recurrence reads it: (step, state, lane) rows of acc_t. A variable one is
+// gathered chunk by chunk for the block's group and repeated over the lanes; a constant one is
+// loaded once per block as a (state, lane) row per lane group, read at every step (step 0).
 template <typename acc_t> class StateInput {
  public:
   StateInput(const void* base, bool variable, int64_t batch_stride, int64_t group_stride,
              int64_t dim_stride, int64_t dstate_stride, int64_t seqlen_stride, int64_t dstate,
-             int64_t max_chunk, int64_t max_block_len)
+             int64_t max_chunk, int64_t max_lane_groups)
       : base_(base), variable_(variable), batch_stride_(batch_stride),
         group_stride_(group_stride), dim_stride_(dim_stride), dstate_stride_(dstate_stride),
-        seqlen_stride_(seqlen_stride), dstate_(dstate), n_pad_(padded_dstate(dstate)),
-        rows_((variable ? max_chunk : max_block_len) * n_pad_) {}
+        seqlen_stride_(seqlen_stride), dstate_(dstate),
+        rows_((variable ? max_chunk : max_lane_groups) * dstate * kLanes) {}
 
-  static StateInput B(const SelectiveScanFwdParams& p, int64_t max_chunk, int64_t max_block_len) {
+  static StateInput B(const SelectiveScanFwdParams& p, int64_t max_chunk,
+                      int64_t max_lane_groups) {
     return StateInput(p.B, p.is_variable_B, p.B_batch_stride, p.B_group_stride, p.B_dim_stride,
-                      p.B_dstate_stride, p.B_seqlen_stride, p.dstate, max_chunk, max_block_len);
+                      p.B_dstate_stride, p.B_seqlen_stride, p.dstate, max_chunk, max_lane_groups);
   }
-  static StateInput C(const SelectiveScanFwdParams& p, int64_t max_chunk, int64_t max_block_len) {
+  static StateInput C(const SelectiveScanFwdParams& p, int64_t max_chunk,
+                      int64_t max_lane_groups) {
     return StateInput(p.C, p.is_variable_C, p.C_batch_stride, p.C_group_stride, p.C_dim_stride,
-                      p.C_dstate_stride, p.C_seqlen_stride, p.dstate, max_chunk, max_block_len);
+                      p.C_dstate_stride, p.C_seqlen_stride, p.dstate, max_chunk, max_lane_groups);
   }
 
-  // A constant one: the rows of the channels [begin, end).
+  // A constant one: the rows of the block's channels [begin, end).
   void load_block(int64_t begin, int64_t end) {
     if (variable_) return;
-    for (int64_t d = begin; d < end; ++d)
-      load_padded(typed<acc_t>(base_) + d * dim_stride_, dstate_stride_, dstate_, n_pad_, acc_t(1),
-                  rows_.data() + (d - begin) * n_pad_);
+    for (int64_t index = 0; index * kLanes < end - begin; ++index)
+      load_weight_lanes(base_, dim_stride_, dstate_stride_, dstate_,
+                        lane_group(begin, end, index), acc_t(1), rows(index));
   }
 
-  // A variable one: the steps [t0, t0 + len) of batch entry b and group `group`.
+  // A variable one: the steps [t0, t0 + len) of batch entry b and group `group`. Reading along
+  // time in the inner loop keeps the reads sequential (B's dstate stride is seqlen).
   template <typename input_t> void load_chunk(int64_t b, int64_t group, int64_t t0, int64_t len) {
     if (!variable_) return;
     const input_t* src = typed<input_t>(base_) + b * batch_stride_ + group * group_stride_ +
                          t0 * seqlen_stride_;
-    gather_chunk(src, dstate_stride_, seqlen_stride_, dstate_, n_pad_, len, rows_.data());
+    for (int64_t n = 0; n < dstate_; ++n) {
+      const input_t* row = src + n * dstate_stride_;
+      for (int64_t t = 0; t < len; ++t) {
+        const acc_t value = static_cast<acc_t>(row[t * seqlen_stride_]);
+        acc_t* dst = rows_.data() + (t * dstate_ + n) * kLanes;
+        for (int64_t j = 0; j < kLanes; ++j) dst[j] = value;
+      }
+    }
   }
 
-  // The first row the channel `channel_in_block` reads, and the distance between steps.
-  const acc_t* rows(int64_t channel_in_block) const {
-    return variable_ ? rows_.data() : rows_.data() + channel_in_block * n_pad_;
+  // The first row lane group `index` reads, and the distance between steps.
+  acc_t* rows(int64_t index) {
+    return variable_ ? rows_.data() : rows_.data() + index * dstate_ * kLanes;
   }
-  int64_t step() const { return variable_ ? n_pad_ : 0; }
+  int64_t step() const { return variable_ ? dstate_ * kLanes : 0; }
 
  private:
   const void* base_;
   bool variable_;
-  int64_t batch_stride_, group_stride_, dim_stride_, dstate_stride_, seqlen_stride_;
-  int64_t dstate_, n_pad_;
+  int64_t batch_stride_, group_stride_, dim_stride_, dstate_stride_, seqlen_stride_, dstate_;
   std::vector<acc_t> rows_;
 };
 

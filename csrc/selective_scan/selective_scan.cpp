@@ -1,0 +1,289 @@
+// Host side of the selective scan: checks every argument, allocates the outputs, fills the params
+// and dispatches on the activations' dtype. The only selective scan code that touches at::Tensor.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/check.h"
+#include "common/dispatch.h"
+#include "selective_scan/selective_scan.h"
+
+namespace mamba_ext {
+namespace {
+
+constexpr int64_t kMaxDstate = 256;
+// The op names that start every error message (constexpr: the dtype dispatch needs them so).
+constexpr char kFwdOp[] = "selective_scan_fwd";
+constexpr char kBwdOp[] = "selective_scan_bwd";
+
+// The sizes the arguments agree on, found while checking them.
+struct ScanShape {
+  int64_t batch, dim, seqlen, dstate, ngroups;
+  bool variable_B, variable_C;
+};
+
+// B or C: (dim, dstate) in the weight dtype when constant; (batch, dstate, seqlen) or
+// (batch, ngroups, dstate, seqlen) in u's dtype when variable. Returns its ngroups, 0 when constant.
+int64_t check_state_input(const char* op, const char* name, const at::Tensor& t,
+                          const ScanShape& s, const at::Tensor& u, at::ScalarType weight_dtype) {
+  check_device(op, name, t, u.device(), "u");
+  switch (t.dim()) {
+    case 2:
+      check_shape(op, name, t, {s.dim, s.dstate}, "(dim, dstate)");
+      check_dtype(op, name, t, weight_dtype, "a constant B or C is a weight, like A");
+      return 0;
+    case 3:
+      check_shape(op, name, t, {s.batch, s.dstate, s.seqlen}, "(batch, dstate, seqlen)");
+      check_dtype(op, name, t, u.scalar_type(), "a variable B or C is an activation, like u");
+      return 1;
+    case 4: {
+      const int64_t ngroups = t.size(1);
+      TORCH_CHECK_VALUE(ngroups >= 1 && s.dim % ngroups == 0, op, ": ", name,
+                        " must have a number of groups (its size 1) that divides dim = ", s.dim,
+                        ", got ", ngroups, " with shape ", shape_str(t.sizes()));
+      check_shape(op, name, t, {s.batch, ngroups, s.dstate, s.seqlen},
+                  "(batch, ngroups, dstate, seqlen)");
+      check_dtype(op, name, t, u.scalar_type(), "a variable B or C is an activation, like u");
+      return ngroups;
+    }
+    default:
+      TORCH_CHECK_VALUE(false, op, ": ", name,
+                        " must have 2 dimensions (dim, dstate), 3 (batch, dstate, seqlen) or 4 "
+                        "(batch, ngroups, dstate, seqlen), got ",
+                        t.dim(), " with shape ", shape_str(t.sizes()));
+  }
+  return 0;
+}
+
+// An optional (dim,) weight: D or delta_bias.
+void check_channel_weight(const char* op, const char* name, const at::Tensor* t,
+                          const ScanShape& s, const at::Tensor& u, at::ScalarType weight_dtype) {
+  if (t == nullptr) return;
+  check_device(op, name, *t, u.device(), "u");
+  check_shape(op, name, *t, {s.dim}, "(dim,)");
+  check_dtype(op, name, *t, weight_dtype, "a weight, like A");
+}
+
+// A (batch, dim, seqlen) activation in u's dtype: delta, z, dout.
+void check_activation(const char* op, const char* name, const at::Tensor& t, const at::Tensor& u) {
+  check_device(op, name, t, u.device(), "u");
+  check_shape(op, name, t, u.sizes(), "(batch, dim, seqlen)");
+  check_dtype(op, name, t, u.scalar_type(), "like u");
+}
+
+// A (batch, dim, dstate) state in the weight dtype: initial_state, dlast_state.
+void check_state(const char* op, const char* name, const at::Tensor& t, const ScanShape& s,
+                 const at::Tensor& u, at::ScalarType weight_dtype) {
+  check_device(op, name, t, u.device(), "u");
+  check_shape(op, name, t, {s.batch, s.dim, s.dstate}, "(batch, dim, dstate)");
+  check_dtype(op, name, t, weight_dtype, "states are kept in the weight dtype, like A");
+}
+
+// The inputs both ops take; optional ones are null when absent.
+struct ScanInputs {
+  const at::Tensor &u, &delta, &A, &B, &C;
+  const at::Tensor *D, *z, *delta_bias, *initial_state;
+};
+
+ScanShape check_inputs(const char* op, const ScanInputs& in) {
+  const at::Tensor &u = in.u, &A = in.A, &B = in.B, &C = in.C;
+  check_rank(op, "u", u, 3, "(batch, dim, seqlen)");
+  check_dtype_in(op, "u", u, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
+  const at::ScalarType weight_dtype = weight_dtype_for(u.scalar_type());
+  ScanShape s{};
+  s.batch = u.size(0);
+  s.dim = u.size(1);
+  s.seqlen = u.size(2);
+  check_activation(op, "delta", in.delta, u);
+  if (in.z != nullptr) check_activation(op, "z", *in.z, u);
+
+  check_device(op, "A", A, u.device(), "u");
+  check_rank(op, "A", A, 2, "(dim, dstate)");
+  s.dstate = A.size(1);
+  TORCH_CHECK_VALUE(s.dstate >= 1 && s.dstate <= kMaxDstate, op,
+                    ": A must have dstate (its size 1) between 1 and ", kMaxDstate, ", got ",
+                    s.dstate, " with shape ", shape_str(A.sizes()));
+  check_shape(op, "A", A, {s.dim, s.dstate}, "(dim, dstate)");
+  check_dtype(op, "A", A, weight_dtype, "float32, or float64 when u is float64");
+
+  const int64_t B_groups = check_state_input(op, "B", B, s, u, weight_dtype);
+  const int64_t C_groups = check_state_input(op, "C", C, s, u, weight_dtype);
+  TORCH_CHECK_VALUE(B_groups == 0 || C_groups == 0 || B_groups == C_groups, op,
+                    ": C must have as many groups as B, ", B_groups, " (B has shape ",
+                    shape_str(B.sizes()), "), got ", C_groups, " with shape ",
+                    shape_str(C.sizes()));
+  s.variable_B = B_groups > 0;
+  s.variable_C = C_groups > 0;
+  s.ngroups = std::max<int64_t>({B_groups, C_groups, 1});
+
+  check_channel_weight(op, "D", in.D, s, u, weight_dtype);
+  check_channel_weight(op, "delta_bias", in.delta_bias, s, u, weight_dtype);
+  if (in.initial_state != nullptr)
+    check_state(op, "initial_state", *in.initial_state, s, u, weight_dtype);
+  return s;
+}
+
+// Strides of an optional (batch, dim, seqlen) or (batch, dim, dstate) tensor; zeros when absent.
+void strides3(const at::Tensor* t, int64_t& s0, int64_t& s1, int64_t& s2) {
+  s0 = t ? t->stride(0) : 0;
+  s1 = t ? t->stride(1) : 0;
+  s2 = t ? t->stride(2) : 0;
+}
+
+// Strides of B or C (or their gradients) in the kernels' view: batch, group, dim, dstate, seqlen.
+void state_input_strides(const at::Tensor& t, int64_t& batch, int64_t& group, int64_t& dim,
+                         int64_t& dstate, int64_t& seqlen) {
+  batch = group = dim = seqlen = 0;
+  if (t.dim() == 2) {
+    dim = t.stride(0);
+    dstate = t.stride(1);
+  } else {
+    batch = t.stride(0);
+    group = t.dim() == 4 ? t.stride(1) : 0;
+    dstate = t.stride(-2);
+    seqlen = t.stride(-1);
+  }
+}
+
+const void* data_or_null(const at::Tensor* t) { return t ? t->const_data_ptr() : nullptr; }
+
+// The forward's part of the params; out and last_state are null for the backward.
+void fill_fwd_params(SelectiveScanFwdParams& p, const ScanShape& s, const ScanInputs& in,
+                     const at::Tensor* out, const at::Tensor* last_state, bool delta_softplus) {
+  p.batch = s.batch;
+  p.dim = s.dim;
+  p.seqlen = s.seqlen;
+  p.dstate = s.dstate;
+  p.ngroups = s.ngroups;
+  strides3(&in.u, p.u_batch_stride, p.u_dim_stride, p.u_seqlen_stride);
+  strides3(&in.delta, p.delta_batch_stride, p.delta_dim_stride, p.delta_seqlen_stride);
+  strides3(in.z, p.z_batch_stride, p.z_dim_stride, p.z_seqlen_stride);
+  strides3(out, p.out_batch_stride, p.out_dim_stride, p.out_seqlen_stride);
+  p.A_dim_stride = in.A.stride(0);
+  p.A_dstate_stride = in.A.stride(1);
+  state_input_strides(in.B, p.B_batch_stride, p.B_group_stride, p.B_dim_stride, p.B_dstate_stride,
+                      p.B_seqlen_stride);
+  state_input_strides(in.C, p.C_batch_stride, p.C_group_stride, p.C_dim_stride, p.C_dstate_stride,
+                      p.C_seqlen_stride);
+  p.D_stride = in.D ? in.D->stride(0) : 0;
+  p.delta_bias_stride = in.delta_bias ? in.delta_bias->stride(0) : 0;
+  strides3(in.initial_state, p.initial_state_batch_stride, p.initial_state_dim_stride,
+           p.initial_state_dstate_stride);
+  strides3(last_state, p.last_state_batch_stride, p.last_state_dim_stride,
+           p.last_state_dstate_stride);
+
+  p.u = in.u.const_data_ptr();
+  p.delta = in.delta.const_data_ptr();
+  p.A = in.A.const_data_ptr();
+  p.B = in.B.const_data_ptr();
+  p.C = in.C.const_data_ptr();
+  p.D = data_or_null(in.D);
+  p.z = data_or_null(in.z);
+  p.delta_bias = data_or_null(in.delta_bias);
+  p.initial_state = data_or_null(in.initial_state);
+  p.out = out ? out->mutable_data_ptr() : nullptr;
+  p.last_state = last_state ? last_state->mutable_data_ptr() : nullptr;
+
+  p.is_variable_B = s.variable_B;
+  p.is_variable_C = s.variable_C;
+  p.delta_softplus = delta_softplus;
+}
+
+std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu_op(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+    const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& initial_state,
+    bool delta_softplus) {
+  const char* op = kFwdOp;
+  const ScanInputs in{u,         delta,         A, B, C, opt_ptr(D), opt_ptr(z), opt_ptr(delta_bias),
+                      opt_ptr(initial_state)};
+  const ScanShape s = check_inputs(op, in);
+  at::Tensor out = at::empty({s.batch, s.dim, s.seqlen}, u.options());
+  at::Tensor last_state = at::empty({s.batch, s.dim, s.dstate}, A.options());
+  SelectiveScanFwdParams params;
+  fill_fwd_params(params, s, in, &out, &last_state, delta_softplus);
+  MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kFwdOp,
+                             [&] { selective_scan_fwd_cpu<input_t>(params); });
+  return {out, last_state};
+}
+
+// The gradient of an optional input: its shape and dtype, contiguous, when the input is there;
+// an empty tensor of `absent_options` when not (the schema has no optional outputs).
+at::Tensor gradient_or_empty(const at::Tensor* input, const at::TensorOptions& absent_options) {
+  return input ? at::empty(input->sizes(), input->options()) : at::empty({0}, absent_options);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+selective_scan_bwd_cpu_op(const at::Tensor& dout, const c10::optional<at::Tensor>& dlast_state,
+                          const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                          const at::Tensor& B, const at::Tensor& C,
+                          const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                          const c10::optional<at::Tensor>& delta_bias,
+                          const c10::optional<at::Tensor>& initial_state, bool delta_softplus) {
+  const char* op = kBwdOp;
+  const ScanInputs in{u,         delta,         A, B, C, opt_ptr(D), opt_ptr(z), opt_ptr(delta_bias),
+                      opt_ptr(initial_state)};
+  const ScanShape s = check_inputs(op, in);
+  check_activation(op, "dout", dout, u);
+  const at::Tensor* dlast = opt_ptr(dlast_state);
+  if (dlast != nullptr) check_state(op, "dlast_state", *dlast, s, u, A.scalar_type());
+
+  at::Tensor du = at::empty(u.sizes(), u.options());
+  at::Tensor ddelta = at::empty(delta.sizes(), delta.options());
+  at::Tensor dA = at::empty(A.sizes(), A.options());
+  at::Tensor dB = at::empty(B.sizes(), B.options());
+  at::Tensor dC = at::empty(C.sizes(), C.options());
+  at::Tensor dD = gradient_or_empty(in.D, A.options());
+  at::Tensor dz = gradient_or_empty(in.z, u.options());
+  at::Tensor ddelta_bias = gradient_or_empty(in.delta_bias, A.options());
+  at::Tensor dinitial_state = gradient_or_empty(in.initial_state, A.options());
+  // The gradients of absent inputs stay empty and are not written.
+  const at::Tensor* dz_out = in.z ? &dz : nullptr;
+  const at::Tensor* dinitial_out = in.initial_state ? &dinitial_state : nullptr;
+
+  SelectiveScanBwdParams p;
+  fill_fwd_params(p, s, in, nullptr, nullptr, delta_softplus);
+  strides3(&dout, p.dout_batch_stride, p.dout_dim_stride, p.dout_seqlen_stride);
+  strides3(dlast, p.dlast_state_batch_stride, p.dlast_state_dim_stride,
+           p.dlast_state_dstate_stride);
+  strides3(&du, p.du_batch_stride, p.du_dim_stride, p.du_seqlen_stride);
+  strides3(&ddelta, p.ddelta_batch_stride, p.ddelta_dim_stride, p.ddelta_seqlen_stride);
+  strides3(dz_out, p.dz_batch_stride, p.dz_dim_stride, p.dz_seqlen_stride);
+  p.dA_dim_stride = dA.stride(0);
+  p.dA_dstate_stride = dA.stride(1);
+  state_input_strides(dB, p.dB_batch_stride, p.dB_group_stride, p.dB_dim_stride,
+                      p.dB_dstate_stride, p.dB_seqlen_stride);
+  state_input_strides(dC, p.dC_batch_stride, p.dC_group_stride, p.dC_dim_stride,
+                      p.dC_dstate_stride, p.dC_seqlen_stride);
+  p.dD_stride = in.D ? dD.stride(0) : 0;
+  p.ddelta_bias_stride = in.delta_bias ? ddelta_bias.stride(0) : 0;
+  strides3(dinitial_out, p.dinitial_state_batch_stride, p.dinitial_state_dim_stride,
+           p.dinitial_state_dstate_stride);
+
+  p.dout = dout.const_data_ptr();
+  p.dlast_state = data_or_null(dlast);
+  p.du = du.mutable_data_ptr();
+  p.ddelta = ddelta.mutable_data_ptr();
+  p.dz = in.z ? dz.mutable_data_ptr() : nullptr;
+  p.dA = dA.mutable_data_ptr();
+  p.dB = dB.mutable_data_ptr();
+  p.dC = dC.mutable_data_ptr();
+  p.dD = in.D ? dD.mutable_data_ptr() : nullptr;
+  p.ddelta_bias = in.delta_bias ? ddelta_bias.mutable_data_ptr() : nullptr;
+  p.dinitial_state = in.initial_state ? dinitial_state.mutable_data_ptr() : nullptr;
+
+  MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kBwdOp, [&] { selective_scan_bwd_cpu<input_t>(p); });
+  return {du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mamba_ext, CPU, m) {
+  m.impl("selective_scan_fwd", &selective_scan_fwd_cpu_op);
+  m.impl("selective_scan_bwd", &selective_scan_bwd_cpu_op);
+}
+
+}  // namespace mamba_ext

@@ -1,0 +1,88 @@
+// Parameters of the selective scan (Mamba-1) kernels: plain data, no torch types, so the kernels
+// see only this header and plain C++ (DESIGN.md section 2).
+//
+//   dt  = delta + delta_bias, then softplus(dt) when delta_softplus
+//   h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t            h_{-1} = initial_state or 0
+//   out = (<h_t, C_t> + D u_t) * silu(z_t)               the D and z terms when given
+//
+// Activations (u, delta, z, dout, variable B / C and their gradients) have the type `input_t` of
+// the kernel; weights (A, constant B / C, D, delta_bias, initial_state, last_state and their
+// gradients) have acc_type<input_t> (common/math.h). Optional inputs are absent when their
+// pointer is null.
+#pragma once
+
+#include <cstdint>
+
+namespace mamba_ext {
+
+struct SelectiveScanFwdParams {
+  // Sizes.
+  int64_t batch, dim, seqlen, dstate;
+  int64_t ngroups;  // of a variable B or C (both have the same); 1 when both are constant
+
+  // Strides in elements (int64: products of sizes overflow int32).
+  int64_t u_batch_stride, u_dim_stride, u_seqlen_stride;
+  int64_t delta_batch_stride, delta_dim_stride, delta_seqlen_stride;
+  int64_t z_batch_stride, z_dim_stride, z_seqlen_stride;
+  int64_t out_batch_stride, out_dim_stride, out_seqlen_stride;
+  int64_t A_dim_stride, A_dstate_stride;
+  // B and C: batch, group, dstate, seqlen strides when variable (a 3-D one has group stride 0);
+  // dim and dstate strides when constant.
+  int64_t B_batch_stride, B_group_stride, B_dim_stride, B_dstate_stride, B_seqlen_stride;
+  int64_t C_batch_stride, C_group_stride, C_dim_stride, C_dstate_stride, C_seqlen_stride;
+  int64_t D_stride, delta_bias_stride;
+  int64_t initial_state_batch_stride, initial_state_dim_stride, initial_state_dstate_stride;
+  int64_t last_state_batch_stride, last_state_dim_stride, last_state_dstate_stride;
+
+  // Pointers, with the shape they point to.
+  const void* u;              // (batch, dim, seqlen)
+  const void* delta;          // (batch, dim, seqlen)
+  const void* A;              // (dim, dstate)
+  const void* B;              // (batch, ngroups, dstate, seqlen) when variable, (dim, dstate) when not
+  const void* C;              // (batch, ngroups, dstate, seqlen) when variable, (dim, dstate) when not
+  const void* D;              // (dim,) or null
+  const void* z;              // (batch, dim, seqlen) or null
+  const void* delta_bias;     // (dim,) or null
+  const void* initial_state;  // (batch, dim, dstate) or null
+  void* out;                  // (batch, dim, seqlen)
+  void* last_state;           // (batch, dim, dstate)
+
+  // Flags.
+  bool is_variable_B, is_variable_C;
+  bool delta_softplus;
+};
+
+// The gradients of every input given dout and dlast_state. Each gradient has the shape and type
+// of its input; those of absent optional inputs are not written (null).
+struct SelectiveScanBwdParams : SelectiveScanFwdParams {
+  // Strides in elements.
+  int64_t dout_batch_stride, dout_dim_stride, dout_seqlen_stride;
+  int64_t dlast_state_batch_stride, dlast_state_dim_stride, dlast_state_dstate_stride;
+  int64_t du_batch_stride, du_dim_stride, du_seqlen_stride;
+  int64_t ddelta_batch_stride, ddelta_dim_stride, ddelta_seqlen_stride;
+  int64_t dz_batch_stride, dz_dim_stride, dz_seqlen_stride;
+  int64_t dA_dim_stride, dA_dstate_stride;
+  int64_t dB_batch_stride, dB_group_stride, dB_dim_stride, dB_dstate_stride, dB_seqlen_stride;
+  int64_t dC_batch_stride, dC_group_stride, dC_dim_stride, dC_dstate_stride, dC_seqlen_stride;
+  int64_t dD_stride, ddelta_bias_stride;
+  int64_t dinitial_state_batch_stride, dinitial_state_dim_stride, dinitial_state_dstate_stride;
+
+  // Pointers, with the shape they point to.
+  const void* dout;         // (batch, dim, seqlen)
+  const void* dlast_state;  // (batch, dim, dstate) or null (no gradient flows into last_state)
+  void* du;                 // (batch, dim, seqlen)
+  void* ddelta;             // (batch, dim, seqlen)
+  void* dz;                 // (batch, dim, seqlen) or null
+  void* dA;                 // (dim, dstate)
+  void* dB;                 // B's shape
+  void* dC;                 // C's shape
+  void* dD;                 // (dim,) or null
+  void* ddelta_bias;        // (dim,) or null
+  void* dinitial_state;     // (batch, dim, dstate) or null
+};
+
+// CPU kernels, instantiated for float, double, c10::Half and c10::BFloat16.
+template <typename input_t> void selective_scan_fwd_cpu(const SelectiveScanFwdParams& params);
+template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdParams& params);
+
+}  // namespace mamba_ext

@@ -1,0 +1,384 @@
+"""Selective scan kernels against the float64 reference: forward, backward, gradcheck, opcheck,
+torch.compile, determinism and one test per argument check."""
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import DEVICES, assert_close, strided
+from mamba_ext.ops import selective_scan_fn
+from mamba_ext.reference import selective_scan_ref
+
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+
+
+def needs_kernel(device):
+    if device == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "mamba_ext::selective_scan_fwd", "CUDA"):
+        pytest.skip("selective_scan has no CUDA kernel yet")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int = 2
+    dim: int = 5
+    seqlen: int = 3
+    dstate: int = 16
+    B: str = "variable"  # "variable" (batch, ngroups, dstate, seqlen), "variable3d", "constant"
+    C: str = "variable"
+    ngroups: int = 1
+    D: bool = True
+    z: bool = True
+    delta_bias: bool = True
+    initial_state: bool = False
+    delta_softplus: bool = True
+    strided: bool = False
+
+    def __str__(self):
+        fields = [f"b{self.batch}d{self.dim}l{self.seqlen}n{self.dstate}g{self.ngroups}",
+                  f"B{self.B[:3]}", f"C{self.C[:3]}"]
+        fields += [name for name in ("D", "z", "delta_bias", "initial_state", "delta_softplus",
+                                     "strided") if getattr(self, name)]
+        return "-".join(fields)
+
+
+# A pairwise-style cover of the sweep: every seqlen, dim, dstate, form of B and C, group count
+# and optional input appears, each with several partners, in few cases.
+FORWARD_CASES = [
+    Case(seqlen=1, dstate=1),
+    Case(seqlen=3, dim=33, B="variable3d", C="constant", D=False, initial_state=True),
+    Case(seqlen=129, dim=6, ngroups=2, dstate=64, z=False, delta_softplus=False, strided=True),
+    Case(seqlen=1000, dim=4, dstate=16, B="constant", C="variable3d", delta_bias=False),
+    Case(seqlen=129, dim=5, dstate=256, B="constant", C="constant", z=False, initial_state=True,
+         strided=True),
+    Case(seqlen=3, dim=34, ngroups=2, dstate=1, B="constant", D=False, delta_bias=False,
+         delta_softplus=False),
+    Case(seqlen=1, dim=5, dstate=64, C="constant", strided=True, initial_state=True),
+    Case(seqlen=1000, dim=2, ngroups=2, dstate=3, D=False, z=False, delta_bias=False,
+         initial_state=True, delta_softplus=False, batch=1),
+    Case(seqlen=129, dim=33, dstate=16, B="variable3d", C="variable3d", batch=3),
+    Case(seqlen=70, dim=40, ngroups=2, dstate=256, B="variable", C="constant", batch=1,
+         initial_state=True, strided=True),
+]
+
+BACKWARD_CASES = [
+    Case(seqlen=7, dim=3, dstate=4, initial_state=True),
+    Case(seqlen=129, dim=33, dstate=16, B="variable3d", C="constant", strided=True),
+    Case(seqlen=300, dim=6, ngroups=2, dstate=64, B="constant", C="variable", z=False,
+         delta_softplus=False, initial_state=True),
+    Case(seqlen=1, dim=5, dstate=1, D=False, delta_bias=False),
+    Case(seqlen=40, dim=40, ngroups=2, dstate=256, batch=1, initial_state=True, strided=True),
+    Case(seqlen=65, dim=4, dstate=16, B="constant", C="constant", D=False, z=False,
+         delta_bias=False, delta_softplus=False),
+]
+
+
+def make_inputs(case, device="cpu", dtype=torch.float32):
+    """The op's tensor arguments as a dict: activations and a variable B / C in dtype, weights in
+    float32 (float64 when dtype is float64); absent optional inputs are None."""
+    weight_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    b, d, l, n, g = case.batch, case.dim, case.seqlen, case.dstate, case.ngroups
+
+    def activation(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, device=device) * scale + shift).to(dtype)
+
+    def weight(*shape):
+        return torch.randn(*shape, device=device, dtype=weight_dtype)
+
+    def state_input(form):
+        if form == "constant":
+            return weight(d, n)
+        if form == "variable3d":
+            return activation(b, n, l)
+        return activation(b, g, n, l)
+
+    # delta is the pre-activation of softplus, or a positive step when there is no softplus.
+    delta = (activation(b, d, l, scale=0.5, shift=-1.0) if case.delta_softplus
+             else (0.02 + 0.3 * torch.rand(b, d, l, device=device)).to(dtype))
+    inputs = dict(
+        u=activation(b, d, l),
+        delta=delta,
+        A=-(0.25 + 2 * torch.rand(d, n, device=device, dtype=weight_dtype)),
+        B=state_input(case.B),
+        C=state_input(case.C),
+        D=weight(d) if case.D else None,
+        z=activation(b, d, l) if case.z else None,
+        delta_bias=(0.1 * torch.rand(d, device=device, dtype=weight_dtype)
+                    if case.delta_bias else None),
+        initial_state=weight(b, d, n) if case.initial_state else None,
+    )
+    if case.strided:
+        inputs = {k: None if v is None else strided(v, dim=0 if v.dim() == 1 else -1)
+                  for k, v in inputs.items()}
+        inputs["A"] = strided(inputs["A"].contiguous(), dim=0)
+    return inputs
+
+
+def as_reference(inputs):
+    """The same values in float64, for the reference."""
+    return {k: None if v is None else v.detach().double() for k, v in inputs.items()}
+
+
+def run_op(inputs, case):
+    return selective_scan_fn(**inputs, delta_softplus=case.delta_softplus, return_last_state=True)
+
+
+def run_reference(inputs, case):
+    return selective_scan_ref(**inputs, delta_softplus=case.delta_softplus,
+                              return_last_state=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=str)
+def test_forward_matches_reference(case, dtype, device):
+    needs_kernel(device)
+    inputs = make_inputs(case, device, dtype)
+    out, last_state = run_op(inputs, case)
+    out_ref, last_ref = run_reference(as_reference(inputs), case)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert last_state.dtype == inputs["A"].dtype
+    assert_close(out, out_ref, dtype, "out")
+    # The state never leaves float32, so it is held to the float32 bound.
+    assert_close(last_state, last_ref, torch.float32, "last_state")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=str)
+def test_backward_matches_reference(case, dtype, device):
+    needs_kernel(device)
+    inputs = make_inputs(case, device, dtype)
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
+    ref_leaves = {k: v.requires_grad_() for k, v in as_reference(leaves).items()}
+    out, last_state = run_op({**inputs, **leaves}, case)
+    # A loss that reaches every input through out and last_state.
+    dout = torch.randn_like(out)
+    dlast = torch.randn_like(last_state)
+    grads = torch.autograd.grad((out.float() * dout.float()).sum() + (last_state * dlast).sum(),
+                                list(leaves.values()))
+    out_ref, last_ref = run_reference({**as_reference(inputs), **ref_leaves}, case)
+    ref_grads = torch.autograd.grad(
+        (out_ref * dout.double()).sum() + (last_ref * dlast.double()).sum(),
+        list(ref_leaves.values()))
+    for name, grad, ref_grad in zip(leaves, grads, ref_grads):
+        assert grad.dtype == leaves[name].dtype and grad.shape == leaves[name].shape
+        assert_close(grad, ref_grad, dtype if grad.dtype == dtype else torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B_form,C_form", [("variable", "variable"), ("constant", "variable3d"),
+                                           ("variable3d", "constant")])
+def test_gradcheck(B_form, C_form, device):
+    needs_kernel(device)
+    case = Case(batch=2, dim=3, dstate=4, seqlen=7, B=B_form, C=C_form, initial_state=True)
+    inputs = {k: v.requires_grad_() for k, v in make_inputs(case, device, torch.float64).items()}
+
+    def fn(*args):
+        return run_op(dict(zip(inputs, args)), case)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs.values()))
+
+
+def test_gradients_of_absent_inputs_are_none():
+    case = Case(D=False, z=False, delta_bias=False, initial_state=False)
+    inputs = make_inputs(case)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items() if v is not None}
+    out = selective_scan_fn(**inputs, delta_softplus=True)
+    out.sum().backward()
+    assert all(v.grad is not None for v in leaves.values())
+    raw = torch.ops.mamba_ext.selective_scan_bwd(
+        torch.ones_like(out), None, inputs["u"], inputs["delta"], inputs["A"], inputs["B"],
+        inputs["C"], None, None, None, None, True)
+    assert [t.numel() for t in raw[5:]] == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("optionals", [False, True])
+def test_opcheck(optionals, device):
+    needs_kernel(device)
+    case = Case(batch=2, dim=3, dstate=4, seqlen=7, D=optionals, z=optionals,
+                delta_bias=optionals, initial_state=optionals)
+    inputs = make_inputs(case, device)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                "initial_state")]
+    grad_args = [None if t is None else t.detach().requires_grad_() for t in args]
+    torch.library.opcheck(torch.ops.mamba_ext.selective_scan_fwd.default, (*grad_args, True))
+    dout = torch.randn(2, 3, 7, device=device)
+    dlast = torch.randn(2, 3, 4, device=device) if optionals else None
+    torch.library.opcheck(torch.ops.mamba_ext.selective_scan_bwd.default,
+                          (dout, dlast, *args, True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_matches_eager(device):
+    needs_kernel(device)
+    case = Case(batch=2, dim=6, dstate=8, seqlen=33, ngroups=2, initial_state=True)
+    inputs = {k: v.requires_grad_() for k, v in make_inputs(case, device).items()}
+
+    def scan_loss(**kwargs):
+        out, last_state = selective_scan_fn(**kwargs, delta_softplus=True, return_last_state=True)
+        return (out * out).sum() + last_state.sum()
+
+    compiled = torch.compile(scan_loss, fullgraph=True)
+    eager_grads = torch.autograd.grad(scan_loss(**inputs), list(inputs.values()))
+    compiled_loss = compiled(**inputs)
+    torch.testing.assert_close(compiled_loss, scan_loss(**inputs))
+    compiled_grads = torch.autograd.grad(compiled_loss, list(inputs.values()))
+    for eager, comp in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(comp, eager)
+
+
+def test_backward_does_not_depend_on_thread_count():
+    # Several blocks per group, so dB and dC are reduced over blocks.
+    case = Case(batch=2, dim=80, dstate=16, seqlen=300, C="variable3d", B="variable3d",
+                initial_state=True)
+    inputs = make_inputs(case)
+    dout = torch.randn(2, 80, 300)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                "initial_state")]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.mamba_ext.selective_scan_bwd(dout, None, *args, True)
+        torch.set_num_threads(max(2, threads))
+        many = torch.ops.mamba_ext.selective_scan_bwd(dout, None, *args, True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+def test_long_sequence_matches_chained_halves():
+    # Beyond 128 chunks of 64 steps the backward lengthens its chunks to bound its checkpoints;
+    # each half stays below that and is chained to the other through the state.
+    case = Case(batch=1, dim=3, dstate=4, seqlen=9000, initial_state=True)
+    inputs = make_inputs(case)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    dout = torch.randn(1, 3, case.seqlen)
+
+    def grads(out, last_state):
+        return torch.autograd.grad((out * dout).sum() + last_state.sum(), list(leaves.values()))
+
+    full = grads(*run_op(inputs, case))
+    half = case.seqlen // 2
+    first, second = ({k: v[..., part] if k in ("u", "delta", "z", "B", "C") else v
+                      for k, v in inputs.items()} for part in (slice(None, half), slice(half, None)))
+    out_first, state = run_op(first, case)
+    out_second, last_state = run_op(dict(second, initial_state=state), case)
+    chained = grads(torch.cat([out_first, out_second], dim=-1), last_state)
+    for name, grad, chained_grad in zip(leaves, full, chained):
+        assert_close(grad, chained_grad, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("batch,seqlen", [(0, 5), (2, 0)])
+def test_empty_batch_or_sequence(batch, seqlen):
+    case = Case(batch=batch, seqlen=seqlen, initial_state=True)
+    inputs = {k: v.requires_grad_() for k, v in make_inputs(case).items()}
+    out, last_state = run_op(inputs, case)
+    assert out.shape == (batch, 5, seqlen) and last_state.shape == (batch, 5, 16)
+    torch.testing.assert_close(last_state, inputs["initial_state"].detach() if seqlen == 0
+                               else last_state)
+    (out.sum() + last_state.sum()).backward()
+    assert inputs["A"].grad.abs().sum() == 0 and inputs["u"].grad.shape == (batch, 5, seqlen)
+
+
+# --- argument checks: each raises naming the op, the argument, the expectation and the value.
+
+def _bad(name, value=None, **changes):
+    """A bad-input case: replace argument `name` with `value(inputs)`."""
+    return name, value, changes
+
+
+BAD_INPUTS = [
+    # (argument, replacement given the good inputs, exception, message)
+    ("u", lambda i: i["u"][0], ValueError, r"u must have 3 dimensions \(batch, dim, seqlen\)"),
+    ("u", lambda i: i["u"].to(torch.int32), TypeError, r"u must have dtype in"),
+    ("delta", lambda i: i["delta"][:, :, :2], ValueError,
+     r"delta must have shape \(batch, dim, seqlen\) = \(2, 5, 3\), got \(2, 5, 2\)"),
+    ("delta", lambda i: i["delta"].double(), TypeError, r"delta must have dtype Float"),
+    ("z", lambda i: i["z"][:1], ValueError, r"z must have shape \(batch, dim, seqlen\)"),
+    ("z", lambda i: i["z"].half(), TypeError, r"z must have dtype Float"),
+    ("A", lambda i: i["A"][0], ValueError, r"A must have 2 dimensions \(dim, dstate\)"),
+    ("A", lambda i: torch.zeros(5, 257), ValueError,
+     r"A must have dstate \(its size 1\) between 1 and 256, got 257"),
+    ("A", lambda i: i["A"][:4], ValueError,
+     r"A must have shape \(dim, dstate\) = \(5, 16\), got \(4, 16\)"),
+    ("A", lambda i: i["A"].double(), TypeError, r"A must have dtype Float"),
+    ("B", lambda i: i["B"][0, 0, 0], ValueError, r"B must have 2 dimensions \(dim, dstate\), 3"),
+    ("B", lambda i: torch.randn(4, 16), ValueError,
+     r"B must have shape \(dim, dstate\) = \(5, 16\), got \(4, 16\)"),
+    ("B", lambda i: torch.randn(5, 16, dtype=torch.float64), TypeError,
+     r"B must have dtype Float \(a constant B or C is a weight"),
+    ("B", lambda i: i["B"][:, 0, :, :2], ValueError,
+     r"B must have shape \(batch, dstate, seqlen\) = \(2, 16, 3\), got \(2, 16, 2\)"),
+    ("B", lambda i: i["B"].double(), TypeError,
+     r"B must have dtype Float \(a variable B or C is an activation"),
+    ("B", lambda i: torch.randn(2, 2, 16, 3), ValueError,
+     r"B must have a number of groups \(its size 1\) that divides dim = 5, got 2"),
+    ("B", lambda i: i["B"][:1], ValueError,
+     r"B must have shape \(batch, ngroups, dstate, seqlen\) = \(2, 1, 16, 3\), got \(1, 1, 16, 3\)"),
+    ("C", lambda i: i["C"][:, :, :8], ValueError,
+     r"C must have shape \(batch, ngroups, dstate, seqlen\)"),
+    ("D", lambda i: i["D"][:4], ValueError, r"D must have shape \(dim,\) = \(5,\), got \(4,\)"),
+    ("D", lambda i: i["D"].half(), TypeError, r"D must have dtype Float"),
+    ("delta_bias", lambda i: i["delta_bias"][None], ValueError, r"delta_bias must have shape"),
+    ("delta_bias", lambda i: i["delta_bias"].double(), TypeError, r"delta_bias must have dtype"),
+    ("initial_state", lambda i: i["initial_state"][:, :, :8], ValueError,
+     r"initial_state must have shape \(batch, dim, dstate\) = \(2, 5, 16\), got \(2, 5, 8\)"),
+    ("initial_state", lambda i: i["initial_state"].double(), TypeError,
+     r"initial_state must have dtype Float"),
+]
+
+
+def _good_inputs(device="cpu"):
+    return make_inputs(Case(initial_state=True), device)
+
+
+@pytest.mark.parametrize("op", ["selective_scan_fwd", "selective_scan_bwd"])
+@pytest.mark.parametrize("name,replace,error,message", BAD_INPUTS,
+                         ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_INPUTS)])
+def test_bad_input_is_refused(name, replace, error, message, op):
+    inputs = _good_inputs()
+    inputs[name] = replace(inputs)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                "initial_state")]
+    with pytest.raises(error, match=f"{op}: {message}"):
+        if op == "selective_scan_fwd":
+            torch.ops.mamba_ext.selective_scan_fwd(*args, True)
+        else:
+            dout = torch.zeros(2, 5, 3)
+            torch.ops.mamba_ext.selective_scan_bwd(dout, None, *args, True)
+
+
+def test_mismatched_groups_of_B_and_C_are_refused():
+    inputs = make_inputs(Case(dim=6, ngroups=2, C="variable3d"))
+    with pytest.raises(ValueError, match=r"selective_scan_fwd: C must have as many groups as B, 2"):
+        selective_scan_fn(**inputs)
+
+
+@pytest.mark.parametrize("name,value,error,message", [
+    ("dout", torch.zeros(2, 5, 4), ValueError,
+     r"dout must have shape \(batch, dim, seqlen\) = \(2, 5, 3\), got \(2, 5, 4\)"),
+    ("dout", torch.zeros(2, 5, 3, dtype=torch.bfloat16), TypeError, r"dout must have dtype Float"),
+    ("dlast_state", torch.zeros(2, 5, 15), ValueError,
+     r"dlast_state must have shape \(batch, dim, dstate\) = \(2, 5, 16\), got \(2, 5, 15\)"),
+    ("dlast_state", torch.zeros(2, 5, 16, dtype=torch.float64), TypeError,
+     r"dlast_state must have dtype Float"),
+])
+def test_bad_gradient_is_refused(name, value, error, message):
+    inputs = _good_inputs()
+    grads = {"dout": torch.zeros(2, 5, 3), "dlast_state": torch.zeros(2, 5, 16), name: value}
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                "initial_state")]
+    with pytest.raises(error, match=f"selective_scan_bwd: {message}"):
+        torch.ops.mamba_ext.selective_scan_bwd(grads["dout"], grads["dlast_state"], *args, True)
+
+
+@pytest.mark.cuda
+def test_inputs_on_another_device_are_refused():
+    needs_kernel("cuda")
+    inputs = _good_inputs("cuda")
+    inputs["delta"] = inputs["delta"].cpu()
+    with pytest.raises(ValueError, match=r"selective_scan_fwd: delta must be on cuda"):
+        selective_scan_fn(**inputs)

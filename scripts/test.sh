@@ -12,7 +12,7 @@ python3 -m pip install -q --no-build-isolation -e .
 python3 -m pytest -q
 
 torch_prefix=$(python3 -c "import torch; print(torch.utils.cmake_prefix_path)")
-cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" > build/cmake-configure.log
+cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" > build/cmake-configure.log 2>&1
 cmake --build build/cmake
 ctest --test-dir build/cmake --output-on-failure
 

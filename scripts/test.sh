@@ -11,6 +11,7 @@ python3 -m pip install -q --no-build-isolation -e .
 
 python3 -m pytest -q
 
+mkdir -p build
 torch_prefix=$(python3 -c "import torch; print(torch.utils.cmake_prefix_path)")
 cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" > build/cmake-configure.log 2>&1
 cmake --build build/cmake

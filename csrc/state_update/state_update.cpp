@@ -6,6 +6,11 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#ifdef MAMBA_EXT_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
 #include <vector>
 
 #include "common/check.h"
@@ -48,14 +53,25 @@ void check_state_batch_indices(const at::Tensor& indices, int64_t state_batch) {
 
 int64_t stride_or_zero(const at::Tensor& t, int64_t dim) { return t.defined() ? t.stride(dim) : 0; }
 
-at::Tensor selective_state_update_cpu_op(at::Tensor& state, const at::Tensor& x,
-                                         const at::Tensor& dt, const at::Tensor& A,
-                                         const at::Tensor& B, const at::Tensor& C,
-                                         const c10::optional<at::Tensor>& D_opt,
-                                         const c10::optional<at::Tensor>& z_opt,
-                                         const c10::optional<at::Tensor>& dt_bias_opt,
-                                         const c10::optional<at::Tensor>& indices_opt,
-                                         bool dt_softplus) {
+// A checked call: the params, the output they point into, and the tensors they borrow from.
+struct PreparedCall {
+  SelectiveStateUpdateParams params;
+  at::Tensor out;         // (batch, nheads, headdim) or (batch, dim)
+  at::Tensor state_rows;  // (batch,) contiguous state_batch_indices, or undefined
+  at::ScalarType input_type;
+  bool state_in_input_type;  // a bf16 / fp16 state rather than the float32 one
+};
+
+// Checks every argument and fills the params. The CPU reads state_batch_indices on the host
+// (check_indices_on_host); on CUDA that would cost a device sync, so the kernel skips a row whose
+// index is outside [0, state_batch) instead (state untouched, out = 0).
+PreparedCall prepare(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
+                     const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                     const c10::optional<at::Tensor>& D_opt,
+                     const c10::optional<at::Tensor>& z_opt,
+                     const c10::optional<at::Tensor>& dt_bias_opt,
+                     const c10::optional<at::Tensor>& indices_opt, bool dt_softplus,
+                     bool check_indices_on_host) {
   const at::Tensor* D = opt_ptr(D_opt);
   const at::Tensor* z = opt_ptr(z_opt);
   const at::Tensor* dt_bias = opt_ptr(dt_bias_opt);
@@ -141,7 +157,7 @@ at::Tensor selective_state_update_cpu_op(at::Tensor& state, const at::Tensor& x,
 
   // The index tensor is tiny: a contiguous copy, where it is strided, spares the kernel a stride.
   const at::Tensor state_rows = indices ? indices->contiguous() : at::Tensor();  // (batch,)
-  if (indices) check_state_batch_indices(state_rows, state.size(0));
+  if (indices && check_indices_on_host) check_state_batch_indices(state_rows, state.size(0));
 
   at::Tensor out = at::empty(x.sizes(), x.options());  // (batch, nheads, headdim) or (batch, dim)
 
@@ -211,25 +227,77 @@ at::Tensor selective_state_update_cpu_op(at::Tensor& state, const at::Tensor& x,
   params.dt_softplus = dt_softplus;
   params.dt_is_float = dt.scalar_type() != input_type;
 
-  MAMBA_DISPATCH_INPUT_TYPES(input_type, kOp, [&] {
-    if (state.scalar_type() == input_type) {
-      selective_state_update_cpu<input_t, input_t>(params);
+  return PreparedCall{params, out, state_rows, input_type,
+                      state.scalar_type() == input_type && input_type != weight_type};
+}
+
+// Records the in-place update as ATen's in-place ops do, so that autograd refuses a backward that
+// would read a state some other op saved before this overwrote it. (Inference tensors have no
+// version counter.)
+void bump_version(at::Tensor& state) {
+  if (!state.is_inference()) state.unsafeGetTensorImpl()->bump_version();
+}
+
+at::Tensor selective_state_update_cpu_op(at::Tensor& state, const at::Tensor& x,
+                                         const at::Tensor& dt, const at::Tensor& A,
+                                         const at::Tensor& B, const at::Tensor& C,
+                                         const c10::optional<at::Tensor>& D,
+                                         const c10::optional<at::Tensor>& z,
+                                         const c10::optional<at::Tensor>& dt_bias,
+                                         const c10::optional<at::Tensor>& indices,
+                                         bool dt_softplus) {
+  const PreparedCall call =
+      prepare(state, x, dt, A, B, C, D, z, dt_bias, indices, dt_softplus, true);
+  MAMBA_DISPATCH_INPUT_TYPES(call.input_type, kOp, [&] {
+    if (call.state_in_input_type) {
+      selective_state_update_cpu<input_t, input_t>(call.params);
     } else {
-      selective_state_update_cpu<input_t, acc_type<input_t>>(params);
+      selective_state_update_cpu<input_t, acc_type<input_t>>(call.params);
     }
   });
-  // Record the in-place update as ATen's in-place ops do, so that autograd refuses a backward
-  // that would read a state some other op saved before this overwrote it. (Inference tensors
-  // have no version counter.)
-  if (!state.is_inference()) state.unsafeGetTensorImpl()->bump_version();
-  return out;
+  bump_version(state);
+  return call.out;
 }
+
+#ifdef MAMBA_EXT_WITH_CUDA
+at::Tensor selective_state_update_cuda_op(at::Tensor& state, const at::Tensor& x,
+                                          const at::Tensor& dt, const at::Tensor& A,
+                                          const at::Tensor& B, const at::Tensor& C,
+                                          const c10::optional<at::Tensor>& D,
+                                          const c10::optional<at::Tensor>& z,
+                                          const c10::optional<at::Tensor>& dt_bias,
+                                          const c10::optional<at::Tensor>& indices,
+                                          bool dt_softplus) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const PreparedCall call =
+      prepare(state, x, dt, A, B, C, D, z, dt_bias, indices, dt_softplus, false);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaError_t error = cudaSuccess;
+  MAMBA_DISPATCH_INPUT_TYPES(call.input_type, kOp, [&] {
+    using cuda_input_t = cuda_type<input_t>;
+    if (call.state_in_input_type) {
+      error = selective_state_update_cuda<cuda_input_t, cuda_input_t>(call.params, stream);
+    } else {
+      error = selective_state_update_cuda<cuda_input_t, acc_type<input_t>>(call.params, stream);
+    }
+  });
+  TORCH_CHECK(error == cudaSuccess, kOp, ": CUDA kernel launch failed: ", cudaGetErrorString(error));
+  bump_version(state);
+  return call.out;
+}
+#endif
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mamba_ext, CPU, m) {
   m.impl("selective_state_update", &selective_state_update_cpu_op);
 }
+
+#ifdef MAMBA_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(mamba_ext, CUDA, m) {
+  m.impl("selective_state_update", &selective_state_update_cuda_op);
+}
+#endif
 
 // The op has no backward (a decode step), and torch.library.register_autograd refuses ops that
 // mutate an input. Left unregistered, PyTorch's default lets gradients through it come back as

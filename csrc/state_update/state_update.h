@@ -7,6 +7,10 @@
 
 #include <cstdint>
 
+#ifdef MAMBA_EXT_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 namespace mamba_ext {
 
 struct SelectiveStateUpdateParams {
@@ -50,5 +54,15 @@ constexpr int64_t kSelectiveStateUpdateMaxDstate = 256;
 // state_t is acc_type<input_t> (the usual fp32 state) or input_t (a state kept in bf16 / fp16).
 template <typename input_t, typename state_t>
 void selective_state_update_cpu(const SelectiveStateUpdateParams& params);
+
+#ifdef MAMBA_EXT_WITH_CUDA
+// input_t is float, double, __half or __nv_bfloat16; returns the launch error, if any, for the
+// host to raise. A row whose state_batch_indices entry is outside [0, state_batch) (the host
+// cannot check without a device sync; vLLM's padding slot -1 is one) leaves the state untouched
+// and gets out = 0.
+template <typename input_t, typename state_t>
+cudaError_t selective_state_update_cuda(const SelectiveStateUpdateParams& params,
+                                        cudaStream_t stream);
+#endif
 
 }  // namespace mamba_ext

@@ -324,3 +324,59 @@ def test_bad_device():
     cpu_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     with pytest.raises(ValueError, match=r"B must be on cpu \(like x\), got meta"):
         OP.redispatch(cpu_only, *args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, state_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("dstate", [16, 128, 256])
+def test_cuda_matches_cpu_kernel(dtype, state_dtype, dstate):
+    """The CUDA kernel against the CPU one at a Mamba-2 decode size, Mamba2's broadcast weights."""
+    case = make_case("cuda", nheads=24, dim=64, dstate=dstate, ngroups=2, batch=5, dtype=dtype,
+                     state_dtype=state_dtype, broadcast=True, state_pool=9)
+    cpu_case = {k: v.cpu() if torch.is_tensor(v) else v for k, v in case.items()}
+    state_cuda, state_cpu = case["state"].clone(), cpu_case["state"].clone()
+    out_cuda = selective_state_update(**{**case, "state": state_cuda})
+    out_cpu = selective_state_update(**{**cpu_case, "state": state_cpu})
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (out_cuda.cpu().double() - out_cpu.double()).norm() <= tol * out_cpu.double().norm()
+    assert (state_cuda.cpu().double() - state_cpu.double()).norm() <= (
+        tol * state_cpu.double().norm())
+
+
+@pytest.mark.cuda
+def test_cuda_padding_slot_skips_the_row():
+    """On CUDA an index outside [0, state_batch) cannot be checked without a device sync: the
+    row is skipped (state untouched, out = 0), as vLLM's padding slot -1 expects."""
+    case = make_case("cuda", nheads=4, dim=6, batch=3, state_pool=5)
+    case["state_batch_indices"] = torch.tensor([3, -1, 7], dtype=torch.int32, device="cuda")
+    state = case["state"].clone()
+    out = selective_state_update(**{**case, "state": state})
+    assert torch.equal(out[1:], torch.zeros_like(out[1:]))
+    untouched = torch.ones(5, dtype=torch.bool, device="cuda")
+    untouched[3] = False
+    assert torch.equal(state[untouched], case["state"][untouched])
+    valid = {**case, "x": case["x"][:1], "dt": case["dt"][:1], "B": case["B"][:1],
+             "C": case["C"][:1], "z": case["z"][:1], "state_batch_indices": None,
+             "state": case["state"][3:4].clone()}
+    out_valid = selective_state_update(**valid)
+    torch.testing.assert_close(out[:1], out_valid)
+    torch.testing.assert_close(state[3:4], valid["state"])
+
+
+@pytest.mark.cuda
+def test_cuda_bad_device():
+    case = make_case("cuda", nheads=4, dim=6)
+    case["B"] = case["B"].cpu()
+    with pytest.raises(ValueError, match=r"B must be on cuda:0 \(like x\), got cpu"):
+        selective_state_update(**case)
+
+
+@pytest.mark.cuda
+def test_cuda_non_default_stream():
+    case = make_case("cuda", nheads=4, dim=64, dstate=128, batch=8)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        state = check_against_reference(case)
+    stream.synchronize()
+    assert state.is_cuda

@@ -52,6 +52,9 @@ def time_ms(fn, device, warmup=3, rep=10):
 
 
 def git_commit():
+    # The GPU machine gets a copy of the tree without .git: the caller passes the commit.
+    if os.environ.get("MAMBA_EXT_GIT_COMMIT"):
+        return os.environ["MAMBA_EXT_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=os.path.dirname(RESULTS_DIR), check=True).stdout.strip()

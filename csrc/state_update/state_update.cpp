@@ -3,7 +3,9 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #ifdef MAMBA_EXT_WITH_CUDA
@@ -287,6 +289,35 @@ at::Tensor selective_state_update_cuda_op(at::Tensor& state, const at::Tensor& x
 }
 #endif
 
+// The op is a decode step with no backward. Under grad mode an input that requires grad is
+// refused with a clear error rather than letting the output silently cut the graph; otherwise the
+// op runs below autograd. (torch.library.register_autograd refuses ops that mutate an input.)
+at::Tensor selective_state_update_autograd_op(at::Tensor& state, const at::Tensor& x,
+                                              const at::Tensor& dt, const at::Tensor& A,
+                                              const at::Tensor& B, const at::Tensor& C,
+                                              const c10::optional<at::Tensor>& D,
+                                              const c10::optional<at::Tensor>& z,
+                                              const c10::optional<at::Tensor>& dt_bias,
+                                              const c10::optional<at::Tensor>& indices,
+                                              bool dt_softplus) {
+  if (at::GradMode::is_enabled()) {
+    const std::initializer_list<std::pair<const char*, const at::Tensor*>> named_tensors{
+        {"state", &state}, {"x", &x}, {"dt", &dt}, {"A", &A}, {"B", &B}, {"C", &C},
+        {"D", opt_ptr(D)}, {"z", opt_ptr(z)}, {"dt_bias", opt_ptr(dt_bias)}};
+    for (const auto& [name, t] : named_tensors) {
+      TORCH_CHECK_VALUE(t == nullptr || !t->requires_grad(), kOp, ": ", name,
+                        " must not require grad (a decode step has no backward: call it under "
+                        "torch.no_grad() or torch.inference_mode()), got a tensor that requires "
+                        "grad");
+    }
+  }
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mamba_ext::selective_state_update", "")
+                             .typed<decltype(selective_state_update_autograd_op)>();
+  return op.call(state, x, dt, A, B, C, D, z, dt_bias, indices, dt_softplus);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mamba_ext, CPU, m) {
@@ -299,13 +330,8 @@ TORCH_LIBRARY_IMPL(mamba_ext, CUDA, m) {
 }
 #endif
 
-// The op has no backward (a decode step), and torch.library.register_autograd refuses ops that
-// mutate an input. Left unregistered, PyTorch's default lets gradients through it come back as
-// None with a warning; its fallback for built-in ops instead makes backward raise "derivative
-// for mamba_ext::selective_state_update is not implemented" and refuses a leaf state that
-// requires grad.
 TORCH_LIBRARY_IMPL(mamba_ext, Autograd, m) {
-  m.impl("selective_state_update", torch::autograd::autogradNotImplementedFallback());
+  m.impl("selective_state_update", &selective_state_update_autograd_op);
 }
 
 }  // namespace mamba_ext

@@ -32,14 +32,12 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     float64 x) or x's dtype. Arithmetic is in float32 (float64 for float64 x).
     Returns out: x's shape and dtype, contiguous.
 
-    Autograd: none; this is the decode step of an inference cache. torch 2.13's
+    Autograd: none; this is the decode step of an inference cache (train with the scan ops).
     torch.library.register_autograd refuses ops that mutate an input, so the host file registers
-    PyTorch's autogradNotImplementedFallback for the op: under grad mode the forward runs (a
-    step() called without torch.no_grad() works) and backpropagating through `out` raises
-    "derivative for mamba_ext::selective_state_update is not implemented"; a `state` that is a
-    leaf requiring grad is refused, as for any in-place op. torch.compile traces the backward
-    ahead of time, so compile decoding under torch.no_grad() or torch.inference_mode().
-    Train with the scan ops instead.
+    an Autograd kernel: under grad mode an input that requires grad raises a ValueError naming
+    it (an output without history would silently cut the graph); call it under torch.no_grad()
+    or torch.inference_mode(). On CUDA a state_batch_indices entry outside [0, state_batch) is
+    not checked (that would cost a device sync): the row is skipped, its out is 0.
     """
     return torch.ops.mamba_ext.selective_state_update(
         state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, dt_softplus)

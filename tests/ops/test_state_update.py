@@ -210,18 +210,18 @@ def test_compile_matches_eager(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_autograd(device):
-    """No backward: the forward runs under grad mode, backward through it raises, and the state's
-    version counter records the update so a backward that saved the old state refuses to run."""
+    """No backward: under grad mode an input that requires grad is refused (the output would
+    otherwise silently cut the graph); under no_grad the same call runs. The state's version
+    counter records the update, so a backward that saved the old state refuses to run."""
     case = make_case(device, nheads=2, dim=4)
     A_log = torch.randn(2, 4, 16, device=device, requires_grad=True)
-    out = selective_state_update(**{**case, "A": -torch.exp(A_log)})
-    assert out.requires_grad
-    with pytest.raises(RuntimeError, match="derivative for mamba_ext::selective_state_update is "
-                                           "not implemented"):
-        out.sum().backward()
-
-    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+    with pytest.raises(ValueError, match="selective_state_update: A must not require grad"):
+        selective_state_update(**{**case, "A": -torch.exp(A_log)})
+    with pytest.raises(ValueError, match="selective_state_update: state must not require grad"):
         selective_state_update(**{**case, "state": case["state"].clone().requires_grad_()})
+    with torch.no_grad():
+        out = selective_state_update(**{**case, "A": -torch.exp(A_log), "state": case["state"].clone()})
+    assert not out.requires_grad
 
     scale = torch.randn(case["state"].shape, device=device, requires_grad=True)
     loss = (scale * case["state"]).sum()  # saves the state for its backward

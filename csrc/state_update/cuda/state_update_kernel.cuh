@@ -1,9 +1,11 @@
 // CUDA kernel of selective_state_update: one decode step, in place on the state.
 //
 // A state row (batch, head, headdim) of dstate entries is split over `lanes` consecutive lanes
-// of a warp (a power of two, up to 32), each owning kElts consecutive entries per chunk; the
-// row's <state, C> is reduced over those lanes by shuffles. The state is the traffic (read and
-// written once); B and C rows are shared by every row of a (batch, group) and come from L1.
+// of a warp (a power of two, up to 32), each owning kChunks chunks of kElts consecutive entries,
+// interleaved so that a warp's loads of one chunk are contiguous; the row's <state, C> is reduced
+// over those lanes by shuffles. The state is the traffic (read and written once): all of a lane's
+// chunks are loaded before any is used, so that several 16-byte loads are in flight per thread.
+// B and C rows are shared by every row of a (batch, group) and come from L1.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,18 +22,19 @@ namespace state_update_cuda {
 constexpr int kThreads = 128;
 constexpr int kElts = 4;       // state entries per lane and chunk: 16 bytes of a float32 state
 constexpr int kMaxLanes = 32;  // a row never spans more than a warp
-constexpr int kMaxChunks = (kSelectiveStateUpdateMaxDstate + kMaxLanes * kElts - 1) /
-                           (kMaxLanes * kElts);
+constexpr int kChunks = 4;     // chunks per lane: 64 bytes of float32 state in flight per thread
 static_assert(kThreads % kMaxLanes == 0, "a block holds whole warps");
+static_assert(kMaxLanes * kChunks * kElts >= kSelectiveStateUpdateMaxDstate,
+              "a warp must cover the largest dstate");
 
 template <typename T> struct alignas(sizeof(T) * kElts) Vec {
   T v[kElts];
 };
 
-// Lanes per row: the fewest that cover dstate with one chunk each, capped at a warp.
+// Lanes per row: the fewest that cover dstate with kChunks chunks each.
 inline int lanes_for(int64_t dstate) {
   int lanes = 1;
-  while (lanes < kMaxLanes && lanes * kElts < dstate) lanes *= 2;
+  while (lanes < kMaxLanes && lanes * kChunks * kElts < dstate) lanes *= 2;
   return lanes;
 }
 
@@ -87,35 +90,46 @@ __global__ void __launch_bounds__(kThreads)
   const input_t* C = static_cast<const input_t*>(p.C) + b * p.C_batch_stride +
                      g * p.C_group_stride;  // (dstate,)
 
-  acc_t y = 0;
+  // Entry n0(chunk) + e of the row, for the lane's chunks; chunks past dstate are off.
+  const auto chunk_start = [&](int chunk) {
+    return (static_cast<int64_t>(chunk) * lanes + lane) * kElts;
+  };
+  Vec<state_t> s[kChunks];
 #pragma unroll
-  for (int chunk = 0; chunk < kMaxChunks; ++chunk) {
-    const int64_t n0 = (static_cast<int64_t>(chunk) * lanes + lane) * kElts;
-    if (n0 >= p.dstate) break;
-    Vec<state_t> s;
+  for (int chunk = 0; chunk < kChunks; ++chunk) {
+    const int64_t n0 = chunk_start(chunk);
     if constexpr (kVecState) {
-      s = *reinterpret_cast<const Vec<state_t>*>(state + n0);
+      if (n0 < p.dstate) s[chunk] = *reinterpret_cast<const Vec<state_t>*>(state + n0);
     } else {
 #pragma unroll
       for (int e = 0; e < kElts; ++e) {
-        if (n0 + e < p.dstate) s.v[e] = state[(n0 + e) * p.state_dstate_stride];
+        if (n0 + e < p.dstate) s[chunk].v[e] = state[(n0 + e) * p.state_dstate_stride];
       }
     }
+  }
+  acc_t y = 0;
+#pragma unroll
+  for (int chunk = 0; chunk < kChunks; ++chunk) {
 #pragma unroll
     for (int e = 0; e < kElts; ++e) {
-      const int64_t n = n0 + e;
-      if (!kVecState && n >= p.dstate) break;
+      const int64_t n = chunk_start(chunk) + e;
+      if (n >= p.dstate) continue;
       const acc_t decay = exp_fast(A[n * p.A_dstate_stride] * dt);
-      const acc_t updated = to_acc(s.v[e]) * decay + to_acc(B[n * p.B_dstate_stride]) * dt_x;
-      s.v[e] = from_acc<state_t>(updated);
+      const acc_t updated =
+          to_acc(s[chunk].v[e]) * decay + to_acc(B[n * p.B_dstate_stride]) * dt_x;
+      s[chunk].v[e] = from_acc<state_t>(updated);
       y += updated * to_acc(C[n * p.C_dstate_stride]);
     }
+  }
+#pragma unroll
+  for (int chunk = 0; chunk < kChunks; ++chunk) {
+    const int64_t n0 = chunk_start(chunk);
     if constexpr (kVecState) {
-      *reinterpret_cast<Vec<state_t>*>(state + n0) = s;
+      if (n0 < p.dstate) *reinterpret_cast<Vec<state_t>*>(state + n0) = s[chunk];
     } else {
 #pragma unroll
       for (int e = 0; e < kElts; ++e) {
-        if (n0 + e < p.dstate) state[(n0 + e) * p.state_dstate_stride] = s.v[e];
+        if (n0 + e < p.dstate) state[(n0 + e) * p.state_dstate_stride] = s[chunk].v[e];
       }
     }
   }

@@ -271,6 +271,23 @@ def test_long_sequence_matches_chained_halves():
         assert_close(grad, chained_grad, torch.float32, f"d{name}")
 
 
+def test_inputs_broadcast_over_time():
+    # Stride 0 along seqlen, as expand() makes them and autograd passes the gradient of a sum.
+    case = Case(batch=2, dim=9, dstate=8, seqlen=70, initial_state=True)
+    inputs = make_inputs(case)
+    inputs["delta"] = inputs["delta"][..., :1].expand(-1, -1, case.seqlen)
+    inputs["z"] = inputs["z"][..., :1].expand(-1, -1, case.seqlen)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    out, last_state = run_op(leaves, case)
+    grads = torch.autograd.grad(out.sum() + last_state.sum(), list(leaves.values()))
+    ref_leaves = {k: v.requires_grad_() for k, v in as_reference(leaves).items()}
+    out_ref, last_ref = run_reference(ref_leaves, case)
+    ref_grads = torch.autograd.grad(out_ref.sum() + last_ref.sum(), list(ref_leaves.values()))
+    assert_close(out, out_ref, torch.float32, "out")
+    for name, grad, ref_grad in zip(leaves, grads, ref_grads):
+        assert_close(grad, ref_grad, torch.float32, f"d{name}")
+
+
 @pytest.mark.parametrize("batch,seqlen", [(0, 5), (2, 0)])
 def test_empty_batch_or_sequence(batch, seqlen):
     case = Case(batch=batch, seqlen=seqlen, initial_state=True)

@@ -291,7 +291,8 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
             acc_t* h_lg = h.data() + lg * state_size;
             std::copy(h_lg, h_lg + state_size,
                       checkpoints.data() + (lg * nchunks + c) * state_size);
-            load_step_inputs<input_t>(p, b, lane_group(begin, end, lg), t0, len,
+            load_step_inputs<input_t>(p, b, lane_group(begin, end, lg),
+                                      lane_group(begin, end, lg + 1), t0, len,
                                       delta_bias.data() + lg * kLanes, u.data(), delta.data(),
                                       dt.data(), dt_u.data());
             advance_chunk(len, p.dstate, dt.data(), dt_u.data(),
@@ -311,14 +312,14 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
           if (p.is_variable_B) std::fill(dB_chunk.begin(), dB_chunk.begin() + len * state_size, 0);
           if (p.is_variable_C) std::fill(dC_chunk.begin(), dC_chunk.begin() + len * state_size, 0);
           for (int64_t lg = 0; lg < groups_here; ++lg) {
-            const Lanes lanes = lane_group(begin, end, lg);
-            load_step_inputs<input_t>(p, b, lanes, t0, len, delta_bias.data() + lg * kLanes,
+            const Lanes lanes = lane_group(begin, end, lg), next = lane_group(begin, end, lg + 1);
+            load_step_inputs<input_t>(p, b, lanes, next, t0, len, delta_bias.data() + lg * kLanes,
                                       u.data(), delta.data(), dt.data(), dt_u.data());
             load_lanes<input_t>(p.dout, p.dout_batch_stride, p.dout_dim_stride,
-                                p.dout_seqlen_stride, b, lanes, t0, len, dout.data());
+                                p.dout_seqlen_stride, b, lanes, next, t0, len, dout.data());
             if (p.z != nullptr)
               load_lanes<input_t>(p.z, p.z_batch_stride, p.z_dim_stride, p.z_seqlen_stride, b,
-                                  lanes, t0, len, z.data());
+                                  lanes, next, t0, len, z.data());
             const acc_t* z_or_null = p.z ? z.data() : nullptr;
             gate_gradient(len * kLanes, z_or_null, dout.data(), dy.data());
 
@@ -344,12 +345,13 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
             if (!p.is_variable_C) add_to(dC_chunk.data(), state_size, dC_sum.data() + lg * state_size);
 
             store_lanes<input_t>(du.data(), p.du, p.du_batch_stride, p.du_dim_stride,
-                                 p.du_seqlen_stride, b, lanes, t0, len);
+                                 p.du_seqlen_stride, b, lanes, next, t0, len);
             store_lanes<input_t>(ddelta.data(), p.ddelta, p.ddelta_batch_stride,
-                                 p.ddelta_dim_stride, p.ddelta_seqlen_stride, b, lanes, t0, len);
+                                 p.ddelta_dim_stride, p.ddelta_seqlen_stride, b, lanes, next, t0,
+                                 len);
             if (p.dz != nullptr)
               store_lanes<input_t>(y.data(), p.dz, p.dz_batch_stride, p.dz_dim_stride,
-                                   p.dz_seqlen_stride, b, lanes, t0, len);
+                                   p.dz_seqlen_stride, b, lanes, next, t0, len);
           }
           // This block's partial of the variable dB / dC over the chunk.
           const int64_t partial_offset =

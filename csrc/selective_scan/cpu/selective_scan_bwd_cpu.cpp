@@ -16,6 +16,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <memory>
+
 #include "selective_scan/cpu/selective_scan_cpu.h"
 
 namespace mamba_ext {
@@ -179,7 +181,7 @@ MAMBA_CPU_MULTIVERSION void finish_gradients(
 // Adds the blocks' partials of a variable dB or dC, (blocks_per_group, batch, ngroups, seqlen,
 // dstate), in block order and writes the sum with the gradient's strides.
 template <typename input_t, typename acc_t>
-void reduce_partials(const std::vector<acc_t>& partials, const SelectiveScanBwdParams& p,
+void reduce_partials(const acc_t* partials, const SelectiveScanBwdParams& p,
                      int64_t blocks_per_group, void* grad, int64_t batch_stride,
                      int64_t group_stride, int64_t dstate_stride, int64_t seqlen_stride) {
   const int64_t block_stride = p.batch * p.ngroups * p.seqlen * p.dstate;
@@ -189,7 +191,7 @@ void reduce_partials(const std::vector<acc_t>& partials, const SelectiveScanBwdP
       const int64_t b = bg / p.ngroups, group = bg % p.ngroups;
       input_t* out = typed<input_t>(grad) + b * batch_stride + group * group_stride;
       for (int64_t t = 0; t < p.seqlen; ++t) {
-        const acc_t* partial = partials.data() + (bg * p.seqlen + t) * p.dstate;
+        const acc_t* partial = partials + (bg * p.seqlen + t) * p.dstate;
         std::copy(partial, partial + p.dstate, sum.begin());
         for (int64_t j = 1; j < blocks_per_group; ++j)
           for (int64_t n = 0; n < p.dstate; ++n) sum[n] += partial[j * block_stride + n];
@@ -231,8 +233,10 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
   // (blocks_per_group, batch, ngroups, seqlen, dstate) each, when variable.
   const int64_t partial_size =
       blocks.blocks_per_group * p.batch * p.ngroups * p.seqlen * p.dstate;
-  std::vector<acc_t> dB_partials(p.is_variable_B ? partial_size : 0);
-  std::vector<acc_t> dC_partials(p.is_variable_C ? partial_size : 0);
+  // Left uninitialised (every element is written before it is read): filling them would cost
+  // a pass over memory as large as the partials.
+  std::unique_ptr<acc_t[]> dB_partials(new acc_t[p.is_variable_B ? partial_size : 0]);
+  std::unique_ptr<acc_t[]> dC_partials(new acc_t[p.is_variable_C ? partial_size : 0]);
 
   at::parallel_for(0, blocks.count, 1, [&](int64_t task_begin, int64_t task_end) {
     auto B = StateInput<acc_t>::B(p, chunk, lane_groups);
@@ -357,9 +361,9 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
           const int64_t partial_offset =
               (((block_in_group * p.batch + b) * p.ngroups + group) * p.seqlen + t0) * p.dstate;
           if (p.is_variable_B)
-            sum_over_lanes(dB_chunk.data(), len, p.dstate, dB_partials.data() + partial_offset);
+            sum_over_lanes(dB_chunk.data(), len, p.dstate, dB_partials.get() + partial_offset);
           if (p.is_variable_C)
-            sum_over_lanes(dC_chunk.data(), len, p.dstate, dC_partials.data() + partial_offset);
+            sum_over_lanes(dC_chunk.data(), len, p.dstate, dC_partials.get() + partial_offset);
         }
 
         if (p.dinitial_state != nullptr)
@@ -396,10 +400,10 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
   });
 
   if (p.is_variable_B)
-    reduce_partials<input_t>(dB_partials, p, blocks.blocks_per_group, p.dB, p.dB_batch_stride,
+    reduce_partials<input_t>(dB_partials.get(), p, blocks.blocks_per_group, p.dB, p.dB_batch_stride,
                              p.dB_group_stride, p.dB_dstate_stride, p.dB_seqlen_stride);
   if (p.is_variable_C)
-    reduce_partials<input_t>(dC_partials, p, blocks.blocks_per_group, p.dC, p.dC_batch_stride,
+    reduce_partials<input_t>(dC_partials.get(), p, blocks.blocks_per_group, p.dC, p.dC_batch_stride,
                              p.dC_group_stride, p.dC_dstate_stride, p.dC_seqlen_stride);
 }
 

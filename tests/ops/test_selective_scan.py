@@ -262,8 +262,9 @@ def test_long_sequence_matches_chained_halves():
 
     full = grads(*run_op(inputs, case))
     half = case.seqlen // 2
+    halves = (slice(None, half), slice(half, None))
     first, second = ({k: v[..., part] if k in ("u", "delta", "z", "B", "C") else v
-                      for k, v in inputs.items()} for part in (slice(None, half), slice(half, None)))
+                      for k, v in inputs.items()} for part in halves)
     out_first, state = run_op(first, case)
     out_second, last_state = run_op(dict(second, initial_state=state), case)
     chained = grads(torch.cat([out_first, out_second], dim=-1), last_state)
@@ -334,7 +335,8 @@ BAD_INPUTS = [
     ("B", lambda i: torch.randn(2, 2, 16, 3), ValueError,
      r"B must have a number of groups \(its size 1\) that divides dim = 5, got 2"),
     ("B", lambda i: i["B"][:1], ValueError,
-     r"B must have shape \(batch, ngroups, dstate, seqlen\) = \(2, 1, 16, 3\), got \(1, 1, 16, 3\)"),
+     r"B must have shape \(batch, ngroups, dstate, seqlen\) = \(2, 1, 16, 3\), "
+     r"got \(1, 1, 16, 3\)"),
     ("C", lambda i: i["C"][:, :, :8], ValueError,
      r"C must have shape \(batch, ngroups, dstate, seqlen\)"),
     ("D", lambda i: i["D"][:4], ValueError, r"D must have shape \(dim,\) = \(5,\), got \(4,\)"),

@@ -217,6 +217,17 @@ template <typename acc_t> void add_to(const acc_t* src, int64_t n, double* dst) 
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
+// A lane group's sums over batch and time, (dstate, kLanes) in double, into the lane group's
+// rows of a (dim, dstate) weight gradient (dstate 1 for a (dim,) one).
+template <typename acc_t>
+void store_weight_gradient(const double* sum, int64_t dstate, Lanes lanes, void* grad,
+                           int64_t dim_stride, int64_t dstate_stride) {
+  for (int64_t j = 0; j < lanes.count; ++j)
+    for (int64_t n = 0; n < dstate; ++n)
+      typed<acc_t>(grad)[(lanes.first + j) * dim_stride + n * dstate_stride] =
+          static_cast<acc_t>(sum[n * kLanes + j]);
+}
+
 }  // namespace
 }  // namespace selective_scan_cpu
 
@@ -256,7 +267,7 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
     // (chunk, dstate) summed over lanes), one lane group's (dstate, kLanes) when constant.
     std::vector<acc_t> states((chunk + 1) * state_size), decay(chunk * state_size);
     std::vector<acc_t> dB_chunk((p.is_variable_B ? chunk : 1) * state_size),
-        dC_chunk((p.is_variable_C ? chunk : 1) * state_size), lane_sums(chunk * p.dstate);
+        dC_chunk((p.is_variable_C ? chunk : 1) * state_size);
     std::vector<acc_t> dA_chunk(state_size);
     // One lane group's rows over the chunk, (chunk, kLanes) each.
     std::vector<acc_t> u(chunk * kLanes), delta(chunk * kLanes), dt(chunk * kLanes),
@@ -345,8 +356,10 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
                              ddelta.data(), y.data(), dD_sum.data() + lg * kLanes,
                              ddelta_bias_sum.data() + lg * kLanes);
             add_to(dA_chunk.data(), state_size, dA_sum.data() + lg * state_size);
-            if (!p.is_variable_B) add_to(dB_chunk.data(), state_size, dB_sum.data() + lg * state_size);
-            if (!p.is_variable_C) add_to(dC_chunk.data(), state_size, dC_sum.data() + lg * state_size);
+            if (!p.is_variable_B)
+              add_to(dB_chunk.data(), state_size, dB_sum.data() + lg * state_size);
+            if (!p.is_variable_C)
+              add_to(dC_chunk.data(), state_size, dC_sum.data() + lg * state_size);
 
             store_lanes<input_t>(du.data(), p.du, p.du_batch_stride, p.du_dim_stride,
                                  p.du_seqlen_stride, b, lanes, next, t0, len);
@@ -374,37 +387,34 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
                               lane_group(begin, end, lg));
       }
 
-      // The sums over batch and time, per channel.
       for (int64_t lg = 0; lg < groups_here; ++lg) {
         const Lanes lanes = lane_group(begin, end, lg);
-        auto store_weight = [&](const std::vector<double>& sum, void* grad, int64_t dim_stride,
-                                int64_t dstate_stride) {
-          for (int64_t j = 0; j < lanes.count; ++j)
-            for (int64_t n = 0; n < p.dstate; ++n)
-              typed<acc_t>(grad)[(lanes.first + j) * dim_stride + n * dstate_stride] =
-                  static_cast<acc_t>(sum[lg * state_size + n * kLanes + j]);
-        };
-        store_weight(dA_sum, p.dA, p.dA_dim_stride, p.dA_dstate_stride);
-        if (!p.is_variable_B) store_weight(dB_sum, p.dB, p.dB_dim_stride, p.dB_dstate_stride);
-        if (!p.is_variable_C) store_weight(dC_sum, p.dC, p.dC_dim_stride, p.dC_dstate_stride);
-        for (int64_t j = 0; j < lanes.count; ++j) {
-          const int64_t d = lanes.first + j;
-          if (p.dD != nullptr)
-            typed<acc_t>(p.dD)[d * p.dD_stride] = static_cast<acc_t>(dD_sum[lg * kLanes + j]);
-          if (p.ddelta_bias != nullptr)
-            typed<acc_t>(p.ddelta_bias)[d * p.ddelta_bias_stride] =
-                static_cast<acc_t>(ddelta_bias_sum[lg * kLanes + j]);
-        }
+        store_weight_gradient<acc_t>(dA_sum.data() + lg * state_size, p.dstate, lanes, p.dA,
+                                     p.dA_dim_stride, p.dA_dstate_stride);
+        if (!p.is_variable_B)
+          store_weight_gradient<acc_t>(dB_sum.data() + lg * state_size, p.dstate, lanes, p.dB,
+                                       p.dB_dim_stride, p.dB_dstate_stride);
+        if (!p.is_variable_C)
+          store_weight_gradient<acc_t>(dC_sum.data() + lg * state_size, p.dstate, lanes, p.dC,
+                                       p.dC_dim_stride, p.dC_dstate_stride);
+        if (p.dD != nullptr)
+          store_weight_gradient<acc_t>(dD_sum.data() + lg * kLanes, 1, lanes, p.dD, p.dD_stride,
+                                       0);
+        if (p.ddelta_bias != nullptr)
+          store_weight_gradient<acc_t>(ddelta_bias_sum.data() + lg * kLanes, 1, lanes,
+                                       p.ddelta_bias, p.ddelta_bias_stride, 0);
       }
     }
   });
 
   if (p.is_variable_B)
-    reduce_partials<input_t>(dB_partials.get(), p, blocks.blocks_per_group, p.dB, p.dB_batch_stride,
-                             p.dB_group_stride, p.dB_dstate_stride, p.dB_seqlen_stride);
+    reduce_partials<input_t>(dB_partials.get(), p, blocks.blocks_per_group, p.dB,
+                             p.dB_batch_stride, p.dB_group_stride, p.dB_dstate_stride,
+                             p.dB_seqlen_stride);
   if (p.is_variable_C)
-    reduce_partials<input_t>(dC_partials.get(), p, blocks.blocks_per_group, p.dC, p.dC_batch_stride,
-                             p.dC_group_stride, p.dC_dstate_stride, p.dC_seqlen_stride);
+    reduce_partials<input_t>(dC_partials.get(), p, blocks.blocks_per_group, p.dC,
+                             p.dC_batch_stride, p.dC_group_stride, p.dC_dstate_stride,
+                             p.dC_seqlen_stride);
 }
 
 template void selective_scan_bwd_cpu<float>(const SelectiveScanBwdParams&);

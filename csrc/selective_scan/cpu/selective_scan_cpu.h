@@ -281,6 +281,7 @@ void load_state_lanes(const void* state, int64_t batch_stride, int64_t dim_strid
                     lanes, acc_t(1), dst);
 }
 
+// The reverse of load_state_lanes: src (dstate, kLanes) into the lane group's rows.
 template <typename acc_t>
 void store_state_lanes(const acc_t* src, void* state, int64_t batch_stride, int64_t dim_stride,
                        int64_t dstate_stride, int64_t b, int64_t dstate, Lanes lanes) {

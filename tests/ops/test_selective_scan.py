@@ -9,7 +9,6 @@ from helpers import DEVICES, assert_close, strided
 from mamba_ext.ops import selective_scan_fn
 from mamba_ext.reference import selective_scan_ref
 
-LOW_PRECISION = [torch.bfloat16, torch.float16]
 
 
 def needs_kernel(device):
@@ -129,7 +128,7 @@ def run_reference(inputs, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=str)
 def test_forward_matches_reference(case, dtype, device):
     needs_kernel(device)
@@ -302,11 +301,6 @@ def test_empty_batch_or_sequence(batch, seqlen):
 
 
 # --- argument checks: each raises naming the op, the argument, the expectation and the value.
-
-def _bad(name, value=None, **changes):
-    """A bad-input case: replace argument `name` with `value(inputs)`."""
-    return name, value, changes
-
 
 BAD_INPUTS = [
     # (argument, replacement given the good inputs, exception, message)

@@ -25,7 +25,7 @@ struct ScanShape {
 };
 
 // B or C: (dim, dstate) in the weight dtype when constant; (batch, dstate, seqlen) or
-// (batch, ngroups, dstate, seqlen) in u's dtype when variable. Returns its ngroups, 0 when constant.
+// (batch, ngroups, dstate, seqlen) in u's dtype when variable. Returns its ngroups (0: constant).
 int64_t check_state_input(const char* op, const char* name, const at::Tensor& t,
                           const ScanShape& s, const at::Tensor& u, at::ScalarType weight_dtype) {
   check_device(op, name, t, u.device(), "u");
@@ -197,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu_op(
     const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& initial_state,
     bool delta_softplus) {
   const char* op = kFwdOp;
-  const ScanInputs in{u,         delta,         A, B, C, opt_ptr(D), opt_ptr(z), opt_ptr(delta_bias),
+  const ScanInputs in{u, delta, A, B, C, opt_ptr(D), opt_ptr(z), opt_ptr(delta_bias),
                       opt_ptr(initial_state)};
   const ScanShape s = check_inputs(op, in);
   at::Tensor out = at::empty({s.batch, s.dim, s.seqlen}, u.options());
@@ -224,12 +224,13 @@ selective_scan_bwd_cpu_op(const at::Tensor& dout, const c10::optional<at::Tensor
                           const c10::optional<at::Tensor>& delta_bias,
                           const c10::optional<at::Tensor>& initial_state, bool delta_softplus) {
   const char* op = kBwdOp;
-  const ScanInputs in{u,         delta,         A, B, C, opt_ptr(D), opt_ptr(z), opt_ptr(delta_bias),
+  const ScanInputs in{u, delta, A, B, C, opt_ptr(D), opt_ptr(z), opt_ptr(delta_bias),
                       opt_ptr(initial_state)};
   const ScanShape s = check_inputs(op, in);
   check_activation(op, "dout", dout, u);
   const at::Tensor* dlast = opt_ptr(dlast_state);
-  if (dlast != nullptr) check_state(op, "dlast_state", *dlast, s, u, A.scalar_type());
+  if (dlast != nullptr)
+    check_state(op, "dlast_state", *dlast, s, u, weight_dtype_for(u.scalar_type()));
 
   at::Tensor du = at::empty(u.sizes(), u.options());
   at::Tensor ddelta = at::empty(delta.sizes(), delta.options());

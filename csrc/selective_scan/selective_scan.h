@@ -38,8 +38,8 @@ struct SelectiveScanFwdParams {
   const void* u;              // (batch, dim, seqlen)
   const void* delta;          // (batch, dim, seqlen)
   const void* A;              // (dim, dstate)
-  const void* B;              // (batch, ngroups, dstate, seqlen) when variable, (dim, dstate) when not
-  const void* C;              // (batch, ngroups, dstate, seqlen) when variable, (dim, dstate) when not
+  const void* B;              // (batch, ngroups, dstate, seqlen) if variable, else (dim, dstate)
+  const void* C;              // (batch, ngroups, dstate, seqlen) if variable, else (dim, dstate)
   const void* D;              // (dim,) or null
   const void* z;              // (batch, dim, seqlen) or null
   const void* delta_bias;     // (dim,) or null

@@ -1,4 +1,4 @@
-"""Selective scan (Mamba-1): mamba-ssm's selective_scan_fn over torch.ops.mamba_ext.selective_scan_*.
+"""Selective scan (Mamba-1): mamba-ssm's selective_scan_fn over the selective_scan custom ops.
 
 The fake kernels and the autograd formula live here, so torch.compile(fullgraph=True) and
 torch.export pass through the op without graph breaks.

@@ -9,7 +9,6 @@ from helpers import DEVICES, assert_close, strided
 from mamba_ext.ops import selective_scan_fn
 from mamba_ext.reference import selective_scan_ref
 
-LOW_PRECISION = [torch.bfloat16, torch.float16]
 
 
 def needs_kernel(device):
@@ -129,7 +128,7 @@ def run_reference(inputs, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=str)
 def test_forward_matches_reference(case, dtype, device):
     needs_kernel(device)
@@ -262,13 +261,31 @@ def test_long_sequence_matches_chained_halves():
 
     full = grads(*run_op(inputs, case))
     half = case.seqlen // 2
+    halves = (slice(None, half), slice(half, None))
     first, second = ({k: v[..., part] if k in ("u", "delta", "z", "B", "C") else v
-                      for k, v in inputs.items()} for part in (slice(None, half), slice(half, None)))
+                      for k, v in inputs.items()} for part in halves)
     out_first, state = run_op(first, case)
     out_second, last_state = run_op(dict(second, initial_state=state), case)
     chained = grads(torch.cat([out_first, out_second], dim=-1), last_state)
     for name, grad, chained_grad in zip(leaves, full, chained):
         assert_close(grad, chained_grad, torch.float32, f"d{name}")
+
+
+def test_inputs_broadcast_over_time():
+    # Stride 0 along seqlen, as expand() makes them and autograd passes the gradient of a sum.
+    case = Case(batch=2, dim=9, dstate=8, seqlen=70, initial_state=True)
+    inputs = make_inputs(case)
+    inputs["delta"] = inputs["delta"][..., :1].expand(-1, -1, case.seqlen)
+    inputs["z"] = inputs["z"][..., :1].expand(-1, -1, case.seqlen)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    out, last_state = run_op(leaves, case)
+    grads = torch.autograd.grad(out.sum() + last_state.sum(), list(leaves.values()))
+    ref_leaves = {k: v.requires_grad_() for k, v in as_reference(leaves).items()}
+    out_ref, last_ref = run_reference(ref_leaves, case)
+    ref_grads = torch.autograd.grad(out_ref.sum() + last_ref.sum(), list(ref_leaves.values()))
+    assert_close(out, out_ref, torch.float32, "out")
+    for name, grad, ref_grad in zip(leaves, grads, ref_grads):
+        assert_close(grad, ref_grad, torch.float32, f"d{name}")
 
 
 @pytest.mark.parametrize("batch,seqlen", [(0, 5), (2, 0)])
@@ -284,11 +301,6 @@ def test_empty_batch_or_sequence(batch, seqlen):
 
 
 # --- argument checks: each raises naming the op, the argument, the expectation and the value.
-
-def _bad(name, value=None, **changes):
-    """A bad-input case: replace argument `name` with `value(inputs)`."""
-    return name, value, changes
-
 
 BAD_INPUTS = [
     # (argument, replacement given the good inputs, exception, message)
@@ -317,7 +329,8 @@ BAD_INPUTS = [
     ("B", lambda i: torch.randn(2, 2, 16, 3), ValueError,
      r"B must have a number of groups \(its size 1\) that divides dim = 5, got 2"),
     ("B", lambda i: i["B"][:1], ValueError,
-     r"B must have shape \(batch, ngroups, dstate, seqlen\) = \(2, 1, 16, 3\), got \(1, 1, 16, 3\)"),
+     r"B must have shape \(batch, ngroups, dstate, seqlen\) = \(2, 1, 16, 3\), "
+     r"got \(1, 1, 16, 3\)"),
     ("C", lambda i: i["C"][:, :, :8], ValueError,
      r"C must have shape \(batch, ngroups, dstate, seqlen\)"),
     ("D", lambda i: i["D"][:4], ValueError, r"D must have shape \(dim,\) = \(5,\), got \(4,\)"),

@@ -34,7 +34,8 @@ def closed_form(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
     Cc = _per_channel(C, batch, dim, seqlen)
     h = torch.einsum("bdnts,bdns,bds->bdnt", decay, Bc, dt * u)        # (batch, dim, n, seqlen)
     if initial_state is not None:
-        h = h + torch.exp(S[:, :, None, :] * A[None, :, :, None]) * initial_state.double()[..., None]
+        decay_from_start = torch.exp(S[:, :, None, :] * A[None, :, :, None])  # (b, d, n, seqlen)
+        h = h + decay_from_start * initial_state.double()[..., None]
     y = torch.einsum("bdnt,bdnt->bdt", h, Cc)
     if D is not None:
         y = y + D.double()[:, None] * u

@@ -16,6 +16,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <memory>
+
 #include "selective_scan/cpu/selective_scan_cpu.h"
 
 namespace mamba_ext {
@@ -179,7 +181,7 @@ MAMBA_CPU_MULTIVERSION void finish_gradients(
 // Adds the blocks' partials of a variable dB or dC, (blocks_per_group, batch, ngroups, seqlen,
 // dstate), in block order and writes the sum with the gradient's strides.
 template <typename input_t, typename acc_t>
-void reduce_partials(const std::vector<acc_t>& partials, const SelectiveScanBwdParams& p,
+void reduce_partials(const acc_t* partials, const SelectiveScanBwdParams& p,
                      int64_t blocks_per_group, void* grad, int64_t batch_stride,
                      int64_t group_stride, int64_t dstate_stride, int64_t seqlen_stride) {
   const int64_t block_stride = p.batch * p.ngroups * p.seqlen * p.dstate;
@@ -189,7 +191,7 @@ void reduce_partials(const std::vector<acc_t>& partials, const SelectiveScanBwdP
       const int64_t b = bg / p.ngroups, group = bg % p.ngroups;
       input_t* out = typed<input_t>(grad) + b * batch_stride + group * group_stride;
       for (int64_t t = 0; t < p.seqlen; ++t) {
-        const acc_t* partial = partials.data() + (bg * p.seqlen + t) * p.dstate;
+        const acc_t* partial = partials + (bg * p.seqlen + t) * p.dstate;
         std::copy(partial, partial + p.dstate, sum.begin());
         for (int64_t j = 1; j < blocks_per_group; ++j)
           for (int64_t n = 0; n < p.dstate; ++n) sum[n] += partial[j * block_stride + n];
@@ -215,6 +217,17 @@ template <typename acc_t> void add_to(const acc_t* src, int64_t n, double* dst) 
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
+// A lane group's sums over batch and time, (dstate, kLanes) in double, into the lane group's
+// rows of a (dim, dstate) weight gradient (dstate 1 for a (dim,) one).
+template <typename acc_t>
+void store_weight_gradient(const double* sum, int64_t dstate, Lanes lanes, void* grad,
+                           int64_t dim_stride, int64_t dstate_stride) {
+  for (int64_t j = 0; j < lanes.count; ++j)
+    for (int64_t n = 0; n < dstate; ++n)
+      typed<acc_t>(grad)[(lanes.first + j) * dim_stride + n * dstate_stride] =
+          static_cast<acc_t>(sum[n * kLanes + j]);
+}
+
 }  // namespace
 }  // namespace selective_scan_cpu
 
@@ -231,8 +244,10 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
   // (blocks_per_group, batch, ngroups, seqlen, dstate) each, when variable.
   const int64_t partial_size =
       blocks.blocks_per_group * p.batch * p.ngroups * p.seqlen * p.dstate;
-  std::vector<acc_t> dB_partials(p.is_variable_B ? partial_size : 0);
-  std::vector<acc_t> dC_partials(p.is_variable_C ? partial_size : 0);
+  // Left uninitialised (every element is written before it is read): filling them would cost
+  // a pass over memory as large as the partials.
+  std::unique_ptr<acc_t[]> dB_partials(new acc_t[p.is_variable_B ? partial_size : 0]);
+  std::unique_ptr<acc_t[]> dC_partials(new acc_t[p.is_variable_C ? partial_size : 0]);
 
   at::parallel_for(0, blocks.count, 1, [&](int64_t task_begin, int64_t task_end) {
     auto B = StateInput<acc_t>::B(p, chunk, lane_groups);
@@ -252,7 +267,7 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
     // (chunk, dstate) summed over lanes), one lane group's (dstate, kLanes) when constant.
     std::vector<acc_t> states((chunk + 1) * state_size), decay(chunk * state_size);
     std::vector<acc_t> dB_chunk((p.is_variable_B ? chunk : 1) * state_size),
-        dC_chunk((p.is_variable_C ? chunk : 1) * state_size), lane_sums(chunk * p.dstate);
+        dC_chunk((p.is_variable_C ? chunk : 1) * state_size);
     std::vector<acc_t> dA_chunk(state_size);
     // One lane group's rows over the chunk, (chunk, kLanes) each.
     std::vector<acc_t> u(chunk * kLanes), delta(chunk * kLanes), dt(chunk * kLanes),
@@ -291,7 +306,8 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
             acc_t* h_lg = h.data() + lg * state_size;
             std::copy(h_lg, h_lg + state_size,
                       checkpoints.data() + (lg * nchunks + c) * state_size);
-            load_step_inputs<input_t>(p, b, lane_group(begin, end, lg), t0, len,
+            load_step_inputs<input_t>(p, b, lane_group(begin, end, lg),
+                                      lane_group(begin, end, lg + 1), t0, len,
                                       delta_bias.data() + lg * kLanes, u.data(), delta.data(),
                                       dt.data(), dt_u.data());
             advance_chunk(len, p.dstate, dt.data(), dt_u.data(),
@@ -311,14 +327,14 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
           if (p.is_variable_B) std::fill(dB_chunk.begin(), dB_chunk.begin() + len * state_size, 0);
           if (p.is_variable_C) std::fill(dC_chunk.begin(), dC_chunk.begin() + len * state_size, 0);
           for (int64_t lg = 0; lg < groups_here; ++lg) {
-            const Lanes lanes = lane_group(begin, end, lg);
-            load_step_inputs<input_t>(p, b, lanes, t0, len, delta_bias.data() + lg * kLanes,
+            const Lanes lanes = lane_group(begin, end, lg), next = lane_group(begin, end, lg + 1);
+            load_step_inputs<input_t>(p, b, lanes, next, t0, len, delta_bias.data() + lg * kLanes,
                                       u.data(), delta.data(), dt.data(), dt_u.data());
             load_lanes<input_t>(p.dout, p.dout_batch_stride, p.dout_dim_stride,
-                                p.dout_seqlen_stride, b, lanes, t0, len, dout.data());
+                                p.dout_seqlen_stride, b, lanes, next, t0, len, dout.data());
             if (p.z != nullptr)
               load_lanes<input_t>(p.z, p.z_batch_stride, p.z_dim_stride, p.z_seqlen_stride, b,
-                                  lanes, t0, len, z.data());
+                                  lanes, next, t0, len, z.data());
             const acc_t* z_or_null = p.z ? z.data() : nullptr;
             gate_gradient(len * kLanes, z_or_null, dout.data(), dy.data());
 
@@ -340,24 +356,27 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
                              ddelta.data(), y.data(), dD_sum.data() + lg * kLanes,
                              ddelta_bias_sum.data() + lg * kLanes);
             add_to(dA_chunk.data(), state_size, dA_sum.data() + lg * state_size);
-            if (!p.is_variable_B) add_to(dB_chunk.data(), state_size, dB_sum.data() + lg * state_size);
-            if (!p.is_variable_C) add_to(dC_chunk.data(), state_size, dC_sum.data() + lg * state_size);
+            if (!p.is_variable_B)
+              add_to(dB_chunk.data(), state_size, dB_sum.data() + lg * state_size);
+            if (!p.is_variable_C)
+              add_to(dC_chunk.data(), state_size, dC_sum.data() + lg * state_size);
 
             store_lanes<input_t>(du.data(), p.du, p.du_batch_stride, p.du_dim_stride,
-                                 p.du_seqlen_stride, b, lanes, t0, len);
+                                 p.du_seqlen_stride, b, lanes, next, t0, len);
             store_lanes<input_t>(ddelta.data(), p.ddelta, p.ddelta_batch_stride,
-                                 p.ddelta_dim_stride, p.ddelta_seqlen_stride, b, lanes, t0, len);
+                                 p.ddelta_dim_stride, p.ddelta_seqlen_stride, b, lanes, next, t0,
+                                 len);
             if (p.dz != nullptr)
               store_lanes<input_t>(y.data(), p.dz, p.dz_batch_stride, p.dz_dim_stride,
-                                   p.dz_seqlen_stride, b, lanes, t0, len);
+                                   p.dz_seqlen_stride, b, lanes, next, t0, len);
           }
           // This block's partial of the variable dB / dC over the chunk.
           const int64_t partial_offset =
               (((block_in_group * p.batch + b) * p.ngroups + group) * p.seqlen + t0) * p.dstate;
           if (p.is_variable_B)
-            sum_over_lanes(dB_chunk.data(), len, p.dstate, dB_partials.data() + partial_offset);
+            sum_over_lanes(dB_chunk.data(), len, p.dstate, dB_partials.get() + partial_offset);
           if (p.is_variable_C)
-            sum_over_lanes(dC_chunk.data(), len, p.dstate, dC_partials.data() + partial_offset);
+            sum_over_lanes(dC_chunk.data(), len, p.dstate, dC_partials.get() + partial_offset);
         }
 
         if (p.dinitial_state != nullptr)
@@ -368,37 +387,34 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
                               lane_group(begin, end, lg));
       }
 
-      // The sums over batch and time, per channel.
       for (int64_t lg = 0; lg < groups_here; ++lg) {
         const Lanes lanes = lane_group(begin, end, lg);
-        auto store_weight = [&](const std::vector<double>& sum, void* grad, int64_t dim_stride,
-                                int64_t dstate_stride) {
-          for (int64_t j = 0; j < lanes.count; ++j)
-            for (int64_t n = 0; n < p.dstate; ++n)
-              typed<acc_t>(grad)[(lanes.first + j) * dim_stride + n * dstate_stride] =
-                  static_cast<acc_t>(sum[lg * state_size + n * kLanes + j]);
-        };
-        store_weight(dA_sum, p.dA, p.dA_dim_stride, p.dA_dstate_stride);
-        if (!p.is_variable_B) store_weight(dB_sum, p.dB, p.dB_dim_stride, p.dB_dstate_stride);
-        if (!p.is_variable_C) store_weight(dC_sum, p.dC, p.dC_dim_stride, p.dC_dstate_stride);
-        for (int64_t j = 0; j < lanes.count; ++j) {
-          const int64_t d = lanes.first + j;
-          if (p.dD != nullptr)
-            typed<acc_t>(p.dD)[d * p.dD_stride] = static_cast<acc_t>(dD_sum[lg * kLanes + j]);
-          if (p.ddelta_bias != nullptr)
-            typed<acc_t>(p.ddelta_bias)[d * p.ddelta_bias_stride] =
-                static_cast<acc_t>(ddelta_bias_sum[lg * kLanes + j]);
-        }
+        store_weight_gradient<acc_t>(dA_sum.data() + lg * state_size, p.dstate, lanes, p.dA,
+                                     p.dA_dim_stride, p.dA_dstate_stride);
+        if (!p.is_variable_B)
+          store_weight_gradient<acc_t>(dB_sum.data() + lg * state_size, p.dstate, lanes, p.dB,
+                                       p.dB_dim_stride, p.dB_dstate_stride);
+        if (!p.is_variable_C)
+          store_weight_gradient<acc_t>(dC_sum.data() + lg * state_size, p.dstate, lanes, p.dC,
+                                       p.dC_dim_stride, p.dC_dstate_stride);
+        if (p.dD != nullptr)
+          store_weight_gradient<acc_t>(dD_sum.data() + lg * kLanes, 1, lanes, p.dD, p.dD_stride,
+                                       0);
+        if (p.ddelta_bias != nullptr)
+          store_weight_gradient<acc_t>(ddelta_bias_sum.data() + lg * kLanes, 1, lanes,
+                                       p.ddelta_bias, p.ddelta_bias_stride, 0);
       }
     }
   });
 
   if (p.is_variable_B)
-    reduce_partials<input_t>(dB_partials, p, blocks.blocks_per_group, p.dB, p.dB_batch_stride,
-                             p.dB_group_stride, p.dB_dstate_stride, p.dB_seqlen_stride);
+    reduce_partials<input_t>(dB_partials.get(), p, blocks.blocks_per_group, p.dB,
+                             p.dB_batch_stride, p.dB_group_stride, p.dB_dstate_stride,
+                             p.dB_seqlen_stride);
   if (p.is_variable_C)
-    reduce_partials<input_t>(dC_partials, p, blocks.blocks_per_group, p.dC, p.dC_batch_stride,
-                             p.dC_group_stride, p.dC_dstate_stride, p.dC_seqlen_stride);
+    reduce_partials<input_t>(dC_partials.get(), p, blocks.blocks_per_group, p.dC,
+                             p.dC_batch_stride, p.dC_group_stride, p.dC_dstate_stride,
+                             p.dC_seqlen_stride);
 }
 
 template void selective_scan_bwd_cpu<float>(const SelectiveScanBwdParams&);

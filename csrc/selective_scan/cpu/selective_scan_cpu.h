@@ -85,18 +85,19 @@ struct Lanes {
   int64_t first, count;
 };
 
-// Lane group `index` of the block [begin, end).
+// Lane group `index` of the block [begin, end); empty (count 0) past the end.
 inline Lanes lane_group(int64_t begin, int64_t end, int64_t index) {
   const int64_t first = begin + index * kLanes;
-  return {first, std::min(kLanes, end - first)};
+  return {first, std::clamp(end - first, int64_t(0), kLanes)};
 }
 
 template <typename T> const T* typed(const void* p) { return static_cast<const T*>(p); }
 template <typename T> T* typed(void* p) { return static_cast<T*>(p); }
 
-// c ? a : b through the bits. GCC (12) turns a float ?: whose arm is a constant into a branch
-// that the vectoriser refuses ("control flow in loop"), which is also why common/math.h's
-// exp_polynomial (clamped with ?:) does not vectorise here; integer masks stay a vector blend.
+// c ? a : b through the bits. Under GCC's default -ftrapping-math a float compare may trap, so
+// GCC does not run it unconditionally and a float ?: stays a branch that the vectoriser refuses
+// ("control flow in loop"; common/math.h's exp_polynomial, clamped with ?:, is such a loop).
+// Integer masks are a vector blend whatever the flags the kernels are built with.
 inline float select_bits(bool c, float a, float b) {
   int32_t a_bits, b_bits;
   std::memcpy(&a_bits, &a, sizeof(a));
@@ -113,7 +114,7 @@ inline float select_bits(bool c, float a, float b) {
 // error (2e-9 in exact arithmetic, about 1e-7 = 1.7 ulp in float). The scan computes
 // exp(dt A) as 2^(dt A log2(e)) with A log2(e) precomputed per channel, which saves the two-part
 // ln 2 reduction and the multiply of exp_polynomial. k is clamped to [-126, 127] as an integer
-// (two instructions; a float clamp of x would be four, see select_bits): below -126 the result
+// (two instructions; a float clamp of x through select_bits would be four): below -126 the result
 // is about 2^-126, the smallest normal float, instead of 2^x; above 127 it stays finite.
 inline float exp2_polynomial(float x) {
   const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds x to an integer in the mantissa
@@ -185,32 +186,67 @@ MAMBA_CPU_MULTIVERSION void compute_dt(int64_t len, const acc_t* __restrict delt
   for (int64_t i = 0; i < len * kLanes; ++i) dt_u[i] = dt[i] * u[i];
 }
 
+// Asks for the cache lines of steps [t0, t0 + len) of the rows of channels [first, first + count)
+// of batch entry b. The chunks of a row are short (a few hundred bytes) and visited one lane
+// group after another, too briefly for the hardware prefetcher: the loads and stores of a lane
+// group ask for the next one's rows, which arrive while this one computes. Always inlined:
+// GCC's interprocedural analysis takes a function of prefetches alone for one without effects
+// and deletes its calls.
+template <typename input_t>
+[[gnu::always_inline]] inline void prefetch_rows(const void* base, int64_t batch_stride,
+                                                int64_t dim_stride, int64_t seqlen_stride,
+                                                int64_t b, Lanes next, int64_t t0, int64_t len,
+                                                bool for_write) {
+  // Steps per 64-byte line; a row broadcast over time (stride 0, as autograd passes the
+  // gradient of a sum) is one line.
+  const int64_t step_bytes = std::abs(seqlen_stride) * static_cast<int64_t>(sizeof(input_t));
+  const int64_t line = step_bytes == 0 ? len : std::max<int64_t>(1, 64 / step_bytes);
+  for (int64_t j = 0; j < next.count; ++j) {
+    const input_t* row = typed<input_t>(base) + b * batch_stride + (next.first + j) * dim_stride +
+                         t0 * seqlen_stride;
+    for (int64_t t = 0; t < len; t += line) {
+      if (for_write)
+        __builtin_prefetch(row + t * seqlen_stride, 1);
+      else
+        __builtin_prefetch(row + t * seqlen_stride, 0);
+    }
+  }
+}
+
 // Steps [t0, t0 + len) of the lane group's rows of batch entry b of a (batch, dim, seqlen)
-// activation, into dst (len, kLanes) with zeros in the padding lanes.
+// activation, into dst (len, kLanes) with zeros in the padding lanes; prefetches those of the
+// lane group `next` (count 0 for none).
 template <typename input_t, typename acc_t>
 void load_lanes(const void* base, int64_t batch_stride, int64_t dim_stride,
-                int64_t seqlen_stride, int64_t b, Lanes lanes, int64_t t0, int64_t len,
-                acc_t* dst) {
-  for (int64_t j = 0; j < kLanes; ++j) {
-    if (j >= lanes.count) {
-      for (int64_t t = 0; t < len; ++t) dst[t * kLanes + j] = acc_t(0);
-      continue;
-    }
-    const input_t* row = typed<input_t>(base) + b * batch_stride + (lanes.first + j) * dim_stride +
-                         t0 * seqlen_stride;
-    for (int64_t t = 0; t < len; ++t) dst[t * kLanes + j] = static_cast<acc_t>(row[t * seqlen_stride]);
+                int64_t seqlen_stride, int64_t b, Lanes lanes, Lanes next, int64_t t0,
+                int64_t len, acc_t* dst) {
+  prefetch_rows<input_t>(base, batch_stride, dim_stride, seqlen_stride, b, next, t0, len, false);
+  // Steps outside, lanes inside: eight rows are read side by side and each step is written as
+  // one contiguous row of dst (twice as fast as a row at a time with strided writes).
+  const input_t* rows[kLanes];
+  for (int64_t j = 0; j < lanes.count; ++j)
+    rows[j] = typed<input_t>(base) + b * batch_stride + (lanes.first + j) * dim_stride +
+              t0 * seqlen_stride;
+  for (int64_t t = 0; t < len; ++t) {
+    for (int64_t j = 0; j < lanes.count; ++j)
+      dst[t * kLanes + j] = static_cast<acc_t>(rows[j][t * seqlen_stride]);
+    for (int64_t j = lanes.count; j < kLanes; ++j) dst[t * kLanes + j] = acc_t(0);
   }
 }
 
 // The reverse of load_lanes: src (len, kLanes) into the lane group's rows, padding dropped.
 template <typename input_t, typename acc_t>
 void store_lanes(const acc_t* src, void* base, int64_t batch_stride, int64_t dim_stride,
-                 int64_t seqlen_stride, int64_t b, Lanes lanes, int64_t t0, int64_t len) {
-  for (int64_t j = 0; j < lanes.count; ++j) {
-    input_t* row = typed<input_t>(base) + b * batch_stride + (lanes.first + j) * dim_stride +
-                   t0 * seqlen_stride;
-    for (int64_t t = 0; t < len; ++t) row[t * seqlen_stride] = static_cast<input_t>(src[t * kLanes + j]);
-  }
+                 int64_t seqlen_stride, int64_t b, Lanes lanes, Lanes next, int64_t t0,
+                 int64_t len) {
+  prefetch_rows<input_t>(base, batch_stride, dim_stride, seqlen_stride, b, next, t0, len, true);
+  input_t* rows[kLanes];
+  for (int64_t j = 0; j < lanes.count; ++j)
+    rows[j] = typed<input_t>(base) + b * batch_stride + (lanes.first + j) * dim_stride +
+              t0 * seqlen_stride;
+  for (int64_t t = 0; t < len; ++t)
+    for (int64_t j = 0; j < lanes.count; ++j)
+      rows[j][t * seqlen_stride] = static_cast<input_t>(src[t * kLanes + j]);
 }
 
 // The lane group's rows of a (dim, dstate) weight times `scale`, into dst (dstate, kLanes).
@@ -245,6 +281,7 @@ void load_state_lanes(const void* state, int64_t batch_stride, int64_t dim_strid
                     lanes, acc_t(1), dst);
 }
 
+// The reverse of load_state_lanes: src (dstate, kLanes) into the lane group's rows.
 template <typename acc_t>
 void store_state_lanes(const acc_t* src, void* state, int64_t batch_stride, int64_t dim_stride,
                        int64_t dstate_stride, int64_t b, int64_t dstate, Lanes lanes) {
@@ -255,15 +292,15 @@ void store_state_lanes(const acc_t* src, void* state, int64_t batch_stride, int6
 }
 
 // u, delta + delta_bias, dt and dt u of a lane group of batch entry b over [t0, t0 + len), each
-// (len, kLanes); delta_bias is the lane group's (kLanes,).
+// (len, kLanes); delta_bias is the lane group's (kLanes,). Prefetches the rows of `next`.
 template <typename input_t, typename acc_t>
-void load_step_inputs(const SelectiveScanFwdParams& p, int64_t b, Lanes lanes, int64_t t0,
-                      int64_t len, const acc_t* delta_bias, acc_t* u, acc_t* delta, acc_t* dt,
-                      acc_t* dt_u) {
-  load_lanes<input_t>(p.u, p.u_batch_stride, p.u_dim_stride, p.u_seqlen_stride, b, lanes, t0,
-                      len, u);
+void load_step_inputs(const SelectiveScanFwdParams& p, int64_t b, Lanes lanes, Lanes next,
+                      int64_t t0, int64_t len, const acc_t* delta_bias, acc_t* u, acc_t* delta,
+                      acc_t* dt, acc_t* dt_u) {
+  load_lanes<input_t>(p.u, p.u_batch_stride, p.u_dim_stride, p.u_seqlen_stride, b, lanes, next,
+                      t0, len, u);
   load_lanes<input_t>(p.delta, p.delta_batch_stride, p.delta_dim_stride, p.delta_seqlen_stride,
-                      b, lanes, t0, len, delta);
+                      b, lanes, next, t0, len, delta);
   compute_dt(len, delta_bias, p.delta_softplus, u, delta, dt, dt_u);
 }
 

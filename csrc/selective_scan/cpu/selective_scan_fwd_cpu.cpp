@@ -100,19 +100,19 @@ template <typename input_t> void selective_scan_fwd_cpu(const SelectiveScanFwdPa
         B.template load_chunk<input_t>(b, group, t0, len);
         C.template load_chunk<input_t>(b, group, t0, len);
         for (int64_t lg = 0; lg < groups_here; ++lg) {
-          const Lanes lanes = lane_group(begin, end, lg);
-          load_step_inputs<input_t>(p, b, lanes, t0, len, delta_bias.data() + lg * kLanes,
+          const Lanes lanes = lane_group(begin, end, lg), next = lane_group(begin, end, lg + 1);
+          load_step_inputs<input_t>(p, b, lanes, next, t0, len, delta_bias.data() + lg * kLanes,
                                     u.data(), delta.data(), dt.data(), dt_u.data());
           scan_chunk(len, p.dstate, dt.data(), dt_u.data(), A_log2e.data() + lg * state_size,
                      B.rows(lg), B.step(), C.rows(lg), C.step(), h.data() + lg * state_size,
                      y.data());
           if (p.z != nullptr)
             load_lanes<input_t>(p.z, p.z_batch_stride, p.z_dim_stride, p.z_seqlen_stride, b,
-                                lanes, t0, len, z.data());
+                                lanes, next, t0, len, z.data());
           finish_output(len, D.data() + lg * kLanes, u.data(), p.z ? z.data() : nullptr,
                         y.data());
           store_lanes<input_t>(y.data(), p.out, p.out_batch_stride, p.out_dim_stride,
-                               p.out_seqlen_stride, b, lanes, t0, len);
+                               p.out_seqlen_stride, b, lanes, next, t0, len);
         }
       }
 

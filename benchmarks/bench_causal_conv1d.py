@@ -1,0 +1,115 @@
+"""Times the causal_conv1d ops (forward, forward + backward, decode update) and their reference.
+
+Shapes are shared/anchors.md's (width 4, silu): on a GPU the anchors themselves; on the CPU the
+same kinds scaled down so that a run takes seconds. Bytes are what each op must move at least:
+forward reads x and writes out; forward + backward also reads x and dout and writes dx; the
+update reads and writes the state and reads x and writes out.
+Run from the repository root: python benchmarks/bench_causal_conv1d.py
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import harness  # noqa: E402
+from mamba_ext.ops import causal_conv1d_fn, causal_conv1d_update  # noqa: E402
+from mamba_ext.reference import causal_conv1d_ref, causal_conv1d_update_ref  # noqa: E402
+
+WIDTH = 4
+# (batch, dim, seqlen, layout)
+CONV_SHAPES = {
+    "cuda": [(8, 4096, 4096, "contiguous"), (8, 4096, 4096, "channel_last"),
+             (1, 4096, 65536, "contiguous")],
+    "cpu": [(2, 1024, 4096, "contiguous"), (2, 1024, 4096, "channel_last"),
+            (1, 1024, 16384, "contiguous")],
+}
+UPDATE_DIM = 4096
+UPDATE_BATCHES = (1, 64, 256)
+COLUMNS = ["op", "shape", "layout", "dtype", "ms", "GB/s", "ref_ms", "speedup_vs_ref"]
+
+
+def has_kernels(device):
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"mamba_ext::{op}",
+                                                              device.type.upper())
+               for op in ("causal_conv1d_fwd", "causal_conv1d_bwd", "causal_conv1d_update"))
+
+
+def conv_inputs(batch, dim, seqlen, layout, dtype, device):
+    shape = (batch, seqlen, dim) if layout == "channel_last" else (batch, dim, seqlen)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    x = x.transpose(1, 2) if layout == "channel_last" else x
+    weight = torch.randn(dim, WIDTH, device=device, dtype=torch.float32)
+    bias = torch.randn(dim, device=device, dtype=torch.float32)
+    return x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
+
+
+def fwd(conv, x, weight, bias):
+    with torch.no_grad():
+        return conv(x, weight, bias, activation="silu")
+
+
+def fwd_bwd(conv, x, weight, bias, dout):
+    out = conv(x, weight, bias, activation="silu")
+    return torch.autograd.grad(out, (x, weight, bias), dout)
+
+
+def row(op, shape, layout, dtype, ms, nbytes, ref_ms):
+    return {"op": op, "shape": shape, "layout": layout, "dtype": str(dtype).replace("torch.", ""),
+            "ms": ms, "GB/s": nbytes / ms / 1e6, "ref_ms": ref_ms, "speedup_vs_ref": ref_ms / ms}
+
+
+def bench_conv(device, dtype):
+    rows = []
+    for batch, dim, seqlen, layout in CONV_SHAPES[device.type]:
+        x, weight, bias = conv_inputs(batch, dim, seqlen, layout, dtype, device)
+        dout = torch.randn_like(x)
+        shape = f"b{batch} d{dim} l{seqlen} w{WIDTH}"
+        activation_bytes = batch * dim * seqlen * x.element_size()
+        param_bytes = dim * (WIDTH + 1) * weight.element_size()
+        for op, fn, moves in [("fwd", fwd, 2), ("fwd+bwd", fwd_bwd, 5)]:
+            args = (x, weight, bias) + ((dout,) if fn is fwd_bwd else ())
+            ms = harness.time_ms(lambda: fn(causal_conv1d_fn, *args), device)
+            ref_ms = harness.time_ms(lambda: fn(causal_conv1d_ref, *args), device, warmup=1, rep=3)
+            rows.append(row(op, shape, layout, dtype, ms, moves * activation_bytes + param_bytes,
+                            ref_ms))
+    return rows
+
+
+def bench_update(device, dtype):
+    rows = []
+    for batch in UPDATE_BATCHES:
+        x = torch.randn(batch, UPDATE_DIM, device=device, dtype=dtype)
+        conv_state = torch.randn(batch, UPDATE_DIM, WIDTH - 1, device=device, dtype=dtype)
+        weight = torch.randn(UPDATE_DIM, WIDTH, device=device)
+        bias = torch.randn(UPDATE_DIM, device=device)
+        ms = harness.time_ms(
+            lambda: causal_conv1d_update(x, conv_state, weight, bias, activation="silu"), device)
+        ref_ms = harness.time_ms(
+            lambda: causal_conv1d_update_ref(x, conv_state, weight, bias, activation="silu"),
+            device)
+        nbytes = (2 * x.numel() + 2 * conv_state.numel()) * x.element_size()
+        nbytes += UPDATE_DIM * (WIDTH + 1) * weight.element_size()
+        rows.append(row("update", f"b{batch} d{UPDATE_DIM} w{WIDTH}", "contiguous", dtype, ms,
+                        nbytes, ref_ms))
+    return rows
+
+
+def main():
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    for device in devices:
+        if not has_kernels(device):
+            print(f"skipping {device}: causal_conv1d has no kernels for it")
+            continue
+        rows = []
+        for dtype in (torch.bfloat16, torch.float32):
+            rows += bench_conv(device, dtype) + bench_update(device, dtype)
+        harness.write_results("causal_conv1d", rows, device, COLUMNS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,521 @@
+"""causal_conv1d family: forward, backward and decode update against the float64 reference,
+gradcheck, opcheck, torch.compile, and one bad-input test per check of the host code."""
+import pytest
+import torch
+
+import helpers
+from mamba_ext.ops import causal_conv1d_fn, causal_conv1d_update
+from mamba_ext.reference import causal_conv1d_ref, causal_conv1d_update_ref
+
+LAYOUTS = ("contiguous", "channel_last", "strided")
+
+
+def in_layout(x, layout):
+    """x (batch, dim, seqlen) with the same values, laid out as `layout` says."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channel_last":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return helpers.strided(x, dim=2)
+
+
+def make_seq_idx(batch, seqlen, device):
+    """(batch, seqlen) int32: sorted sequence ids from 0, with -1 padding at the end of row 0."""
+    seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+    for b in range(batch):
+        for start in torch.randint(1, max(seqlen, 2), (3,)).tolist():
+            seq_idx[b, start:] += 1
+    seq_idx[0, seqlen - max(1, seqlen // 5):] = -1
+    return seq_idx.to(device)
+
+
+def make_conv_inputs(case, dtype, weight_dtype, device, batch=2):
+    """The keyword arguments of causal_conv1d_fn for one case of FWD_CASES or BWD_CASES; the
+    "strided" layout makes seq_idx and initial_states slices of wider buffers too."""
+    seqlen, dim, width, layout, bias, silu, initial_states, seq_idx = case[:8]
+    x = torch.randn(batch, dim, seqlen, device=device, dtype=dtype)
+    inputs = dict(
+        x=in_layout(x, layout),
+        weight=torch.randn(dim, width, device=device, dtype=weight_dtype),
+        bias=torch.randn(dim, device=device, dtype=weight_dtype) if bias else None,
+        seq_idx=make_seq_idx(batch, seqlen, device) if seq_idx else None,
+        initial_states=(torch.randn(batch, dim, width - 1, device=device, dtype=dtype)
+                        if initial_states else None),
+        activation="silu" if silu else None,
+    )
+    if layout == "strided" and seq_idx:
+        wide = torch.zeros(batch, 2 * seqlen, dtype=torch.int32, device=device)
+        inputs["seq_idx"] = wide[:, ::2].copy_(inputs["seq_idx"])
+    if layout == "strided" and initial_states:
+        inputs["initial_states"] = helpers.strided(inputs["initial_states"], dim=1)
+    return inputs
+
+
+def cast_floats(kwargs, dtype):
+    """kwargs with every floating tensor cast to dtype (seq_idx and flags unchanged)."""
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in kwargs.items()}
+
+
+def as_float64(kwargs):
+    return cast_floats(kwargs, torch.float64)
+
+
+# Pairwise-ish combinations: every value of every option appears with several others.
+FWD_CASES = [
+    # (seqlen, dim, width, layout, bias, silu, initial_states, seq_idx, return_final_states)
+    (1, 5, 2, "contiguous", True, False, False, False, True),
+    (1, 33, 4, "channel_last", False, True, True, True, True),
+    (1, 64, 3, "strided", True, True, False, True, False),
+    (3, 5, 3, "channel_last", True, True, True, False, True),
+    (3, 33, 2, "strided", False, False, True, True, True),
+    (3, 64, 4, "contiguous", True, False, False, True, False),
+    (129, 5, 4, "strided", True, True, True, True, True),
+    (129, 33, 3, "contiguous", False, True, True, True, True),
+    (129, 64, 2, "channel_last", True, False, False, False, True),
+    (300, 17, 4, "channel_last", True, True, True, True, True),
+    (1000, 5, 3, "contiguous", True, True, False, True, True),
+    (1000, 33, 4, "channel_last", True, True, True, True, False),
+    (1000, 64, 2, "strided", False, True, True, False, True),
+    (1000, 33, 4, "contiguous", False, False, False, False, False),
+]
+# (x dtype, weight and bias dtype)
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+          (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
+
+
+def case_id(case):
+    return "-".join(str(v) for v in case)
+
+
+def dtype_id(dtypes):
+    return "x_{}-w_{}".format(*(str(d).replace("torch.", "") for d in dtypes))
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("dtypes", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", FWD_CASES, ids=case_id)
+def test_fwd_matches_reference(case, dtypes, device):
+    dtype, weight_dtype = dtypes
+    return_final_states = case[8]
+    inputs = make_conv_inputs(case, dtype, weight_dtype, device)
+    result = causal_conv1d_fn(**inputs, return_final_states=return_final_states)
+    ref = causal_conv1d_ref(**as_float64(inputs), return_final_states=return_final_states)
+    # The same computation done by PyTorch in the low precision, for flash-attention's rule.
+    lowp_out = (causal_conv1d_ref(**cast_floats(inputs, dtype))
+                if dtype != torch.float32 else None)
+    out, ref_out = (result[0], ref[0]) if return_final_states else (result, ref)
+    assert out.dtype == dtype
+    helpers.assert_close(out, ref_out, dtype, lowp=lowp_out)
+    if return_final_states:
+        # final_states are copies of inputs: exact.
+        assert torch.equal(result[1], ref[1].to(dtype))
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("seqlen", [1, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_out_layout_follows_x(layout, seqlen, device):
+    x = in_layout(torch.randn(2, 8, seqlen, device=device), layout)
+    weight = torch.randn(8, 4, device=device)
+    out = causal_conv1d_fn(x, weight)
+    channel_last = x.stride(1) == 1 and x.stride(2) != 1
+    expected = (torch.empty(2, seqlen, 8).transpose(1, 2) if channel_last
+                else torch.empty(2, 8, seqlen)).stride()
+    assert out.stride() == expected
+    assert channel_last == (layout == "channel_last" and seqlen > 1)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake_out = causal_conv1d_fn(mode.from_tensor(x), mode.from_tensor(weight))
+    assert fake_out.stride() == out.stride()
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_final_states_out_is_filled_and_returned(device):
+    x = torch.randn(2, 8, 5, device=device)
+    weight = torch.randn(8, 3, device=device)
+    final_states_out = torch.empty(2, 8, 2, device=device)
+    out, final_states = causal_conv1d_fn(x, weight, return_final_states=True,
+                                         final_states_out=final_states_out)
+    assert final_states is final_states_out
+    assert torch.equal(final_states_out, x[:, :, -2:])
+
+
+BWD_CASES = [
+    # (seqlen, dim, width, layout, bias, silu, initial_states, seq_idx)
+    (1, 5, 4, "contiguous", True, True, True, True),
+    (3, 33, 2, "channel_last", True, False, True, False),
+    (129, 33, 3, "strided", False, True, False, True),
+    (300, 17, 4, "contiguous", True, True, True, True),
+    (1000, 5, 4, "channel_last", True, True, True, True),
+]
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("dtypes", DTYPES[:3], ids=dtype_id)
+@pytest.mark.parametrize("case", BWD_CASES, ids=case_id)
+def test_bwd_matches_reference_autograd(case, dtypes, device):
+    dtype, weight_dtype = dtypes
+    inputs = make_conv_inputs(case, dtype, weight_dtype, device)
+    names = [k for k in ("x", "weight", "bias", "initial_states") if inputs[k] is not None]
+    for k in names:
+        inputs[k].requires_grad_()
+    out, final_states = causal_conv1d_fn(**inputs, return_final_states=True)
+    dout = torch.randn_like(out)
+    dfinal_states = torch.randn_like(final_states)
+    grads = torch.autograd.grad((out, final_states), [inputs[k] for k in names],
+                                (dout, dfinal_states))
+
+    ref_inputs = {k: v.detach().double().requires_grad_() if k in names else v
+                  for k, v in as_float64(inputs).items()}
+    ref_out, ref_final_states = causal_conv1d_ref(**ref_inputs, return_final_states=True)
+    ref_grads = torch.autograd.grad((ref_out, ref_final_states), [ref_inputs[k] for k in names],
+                                    (dout.double(), dfinal_states.double()))
+    for name, grad, ref_grad in zip(names, grads, ref_grads):
+        assert grad.dtype == inputs[name].dtype, name
+        helpers.assert_close(grad, ref_grad, dtype, name=f"d{name}")
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("outputs", ["out_and_final_states", "final_states_only"])
+@pytest.mark.parametrize("width, seq_idx", [(2, False), (3, True), (4, True)])
+def test_gradcheck(width, seq_idx, outputs, device):
+    batch, dim, seqlen = 2, 3, 7
+    opts = dict(device=device, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(batch, dim, seqlen, **opts)
+    weight = torch.randn(dim, width, **opts)
+    bias = torch.randn(dim, **opts)
+    initial_states = torch.randn(batch, dim, width - 1, **opts)
+    seq = make_seq_idx(batch, seqlen, device) if seq_idx else None
+
+    def conv(x, weight, bias, initial_states):
+        out, final_states = causal_conv1d_fn(x, weight, bias, seq, initial_states,
+                                             return_final_states=True, activation="silu")
+        return (out, final_states) if outputs == "out_and_final_states" else final_states
+
+    assert torch.autograd.gradcheck(conv, (x, weight, bias, initial_states))
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_bwd_is_deterministic_and_stride_blind(device):
+    inputs = make_conv_inputs((600, 40, 4, "contiguous", True, True, True, True),
+                              torch.float32, torch.float32, device, batch=3)
+    dout = torch.randn(inputs["x"].shape, device=device)
+
+    def bwd(dout):
+        return torch.ops.mamba_ext.causal_conv1d_bwd(
+            dout, None, inputs["x"], inputs["weight"], inputs["bias"], inputs["seq_idx"],
+            inputs["initial_states"], True)
+
+    first = bwd(dout)
+    for again in [bwd(dout), bwd(dout), bwd(in_layout(dout, "channel_last")),
+                  bwd(in_layout(dout, "strided"))]:
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def fwd_op_samples(device):
+    full = make_conv_inputs((9, 6, 4, "channel_last", True, True, True, True),
+                            torch.float32, torch.float32, device)
+    bare = make_conv_inputs((9, 6, 3, "contiguous", False, False, False, False),
+                            torch.float32, torch.float32, device)
+    for t in (full["x"], full["weight"], full["bias"], full["initial_states"], bare["x"],
+              bare["weight"]):
+        t.requires_grad_()
+    return [
+        (full["x"], full["weight"], full["bias"], full["seq_idx"], full["initial_states"], True,
+         True),
+        (bare["x"], bare["weight"], None, None, None, False, False),
+    ]
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_opcheck_fwd(device):
+    for args in fwd_op_samples(device):
+        torch.library.opcheck(torch.ops.mamba_ext.causal_conv1d_fwd.default, args)
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_opcheck_bwd(device):
+    for x, weight, bias, seq_idx, initial_states, _, silu in fwd_op_samples(device):
+        x, weight = x.detach(), weight.detach()
+        dout = torch.randn(x.shape, device=device)
+        dfinal_states = (torch.randn(x.shape[0], x.shape[1], weight.shape[1] - 1, device=device)
+                         if initial_states is not None else None)
+        bias = bias.detach() if bias is not None else None
+        initial_states = initial_states.detach() if initial_states is not None else None
+        torch.library.opcheck(torch.ops.mamba_ext.causal_conv1d_bwd.default,
+                              (dout, dfinal_states, x, weight, bias, seq_idx, initial_states, silu))
+
+
+def make_update_inputs(case, dtype, weight_dtype, device, batch=3, dim=10):
+    """The arguments of causal_conv1d_update for one case of UPDATE_CASES."""
+    seqlen, width, extra_state, circular, indexed, layout = case
+    state_batch = batch + 2 if indexed else batch
+    state_len = width - 1 + extra_state
+    x_shape = (batch, dim) if seqlen is None else (batch, dim, seqlen)
+    x = torch.randn(x_shape, device=device, dtype=dtype)
+    conv_state = torch.randn(state_batch, dim, state_len, device=device, dtype=dtype)
+    if layout == "strided":
+        x, conv_state = helpers.strided(x, dim=1), helpers.strided(conv_state, dim=1)
+    return dict(
+        x=x,
+        conv_state=conv_state,
+        weight=torch.randn(dim, width, device=device, dtype=weight_dtype),
+        bias=torch.randn(dim, device=device, dtype=weight_dtype),
+        activation="silu",
+        cache_seqlens=(torch.randint(0, 3 * state_len + 2, (batch,), device=device,
+                                     dtype=torch.int32) if circular else None),
+        conv_state_indices=(torch.randperm(state_batch, device=device)[:batch].int()
+                            if indexed else None),
+    )
+
+
+UPDATE_CASES = [
+    # (seqlen (None: x is (batch, dim)), width, state_len - (width - 1), circular,
+    #  conv_state_indices, layout)
+    (None, 4, 0, False, False, "contiguous"),
+    (None, 2, 3, True, False, "strided"),
+    (None, 3, 0, False, True, "contiguous"),
+    (None, 4, 2, True, True, "contiguous"),
+    (1, 3, 1, True, False, "contiguous"),
+    (3, 4, 0, False, False, "strided"),
+    (3, 3, 2, True, True, "contiguous"),
+    (5, 2, 1, False, True, "contiguous"),
+    (5, 4, 5, True, False, "contiguous"),
+    (9, 4, 0, True, False, "contiguous"),  # more tokens than state: the ring wraps in one call
+]
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("dtypes", DTYPES[:2] + DTYPES[3:], ids=dtype_id)
+@pytest.mark.parametrize("case", UPDATE_CASES, ids=case_id)
+def test_update_matches_reference(case, dtypes, device):
+    dtype, weight_dtype = dtypes
+    inputs = make_update_inputs(case, dtype, weight_dtype, device)
+    ref_inputs = as_float64(inputs)
+    ref_inputs["conv_state"] = ref_inputs["conv_state"].clone()
+    out = causal_conv1d_update(**inputs)
+    ref_out = causal_conv1d_update_ref(**ref_inputs)
+    assert out.shape == inputs["x"].shape and out.dtype == dtype
+    helpers.assert_close(out, ref_out, dtype)
+    # The state holds copies of tokens: exact.
+    assert torch.equal(inputs["conv_state"], ref_inputs["conv_state"].to(dtype))
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("prefix", [1, 7])  # 1: final_states are partly initial_states
+@pytest.mark.parametrize("tokens_per_call", [1, 4])
+@pytest.mark.parametrize("width", [2, 3, 4])
+def test_fwd_then_update_equals_fwd(width, tokens_per_call, prefix, device):
+    batch, dim, seqlen = 2, 33, 19
+    x = torch.randn(batch, dim, seqlen, device=device)
+    weight = torch.randn(dim, width, device=device)
+    bias = torch.randn(dim, device=device)
+    initial_states = torch.randn(batch, dim, width - 1, device=device)
+    full = causal_conv1d_fn(x, weight, bias, initial_states=initial_states, activation="silu")
+    _, conv_state = causal_conv1d_fn(x[:, :, :prefix], weight, bias,
+                                     initial_states=initial_states, return_final_states=True,
+                                     activation="silu")
+    steps = [causal_conv1d_update(x[:, :, t:t + tokens_per_call], conv_state, weight, bias,
+                                  activation="silu")
+             for t in range(prefix, seqlen, tokens_per_call)]
+    helpers.assert_close(torch.cat(steps, dim=2), full[:, :, prefix:], torch.float32)
+
+
+def update_op_samples(device):
+    for case in [(None, 4, 0, False, False, "contiguous"), (3, 3, 2, True, True, "strided")]:
+        inputs = make_update_inputs(case, torch.float32, torch.float32, device)
+        yield (inputs["x"], inputs["conv_state"], inputs["weight"], inputs["bias"],
+               inputs["cache_seqlens"], inputs["conv_state_indices"], True)
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_opcheck_update(device):
+    for args in update_op_samples(device):
+        torch.library.opcheck(torch.ops.mamba_ext.causal_conv1d_update.default, args)
+
+
+def conv_then_decode(x, weight, bias, token, conv_state):
+    out, final_states = causal_conv1d_fn(x, weight, bias, return_final_states=True,
+                                         activation="silu")
+    # Decoding needs no gradient (the update op has no autograd): detach its weights.
+    step = causal_conv1d_update(token, conv_state, weight.detach(), bias.detach(),
+                                activation="silu")
+    return out, final_states, step
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(backend, device):
+    torch._dynamo.reset()
+    x = torch.randn(2, 16, 37, device=device, requires_grad=True)
+    weight = torch.randn(16, 4, device=device, requires_grad=True)
+    bias = torch.randn(16, device=device, requires_grad=True)
+    token = torch.randn(2, 16, device=device)
+    conv_state = torch.randn(2, 16, 3, device=device)
+    compiled = torch.compile(conv_then_decode, fullgraph=True, backend=backend)
+
+    eager_state, compiled_state = conv_state.clone(), conv_state.clone()
+    eager = conv_then_decode(x, weight, bias, token, eager_state)
+    result = compiled(x, weight, bias, token, compiled_state)
+    for got, expected in zip(result, eager):
+        torch.testing.assert_close(got, expected)
+    assert torch.equal(compiled_state, eager_state)
+
+    grads = torch.autograd.grad(result[0].square().sum() + result[1].sum(), (x, weight, bias))
+    eager_grads = torch.autograd.grad(eager[0].square().sum() + eager[1].sum(), (x, weight, bias))
+    for got, expected in zip(grads, eager_grads):
+        torch.testing.assert_close(got, expected)
+
+
+# Bad inputs. Each case changes one argument of valid inputs and names the error it expects.
+def valid_conv_args(device):
+    return dict(x=torch.randn(2, 8, 6, device=device), weight=torch.randn(8, 4, device=device),
+                bias=torch.randn(8, device=device),
+                seq_idx=torch.zeros(2, 6, dtype=torch.int32, device=device),
+                initial_states=torch.randn(2, 8, 3, device=device))
+
+
+BAD_CONV_ARGS = [
+    # (argument: replacement, exception, message after "<op>: ")
+    ("x", lambda a: a["x"][0], ValueError,
+     r"x must have 3 dimensions \(batch, dim, seqlen\), got 2"),
+    ("x", lambda a: a["x"].int(), TypeError,
+     r"x must have dtype in \{Float, Double, Half, BFloat16\}"),
+    ("x", lambda a: a["x"][:, :, :0], ValueError, r"x must have seqlen >= 1"),
+    ("weight", lambda a: a["weight"][None], ValueError, r"weight must have 2 dimensions"),
+    ("weight", lambda a: torch.randn(8, 5), ValueError,
+     r"weight must have a width .* in \[2, 4\], got 5"),
+    ("weight", lambda a: torch.randn(8, 1), ValueError, r"weight must have a width .* got 1"),
+    ("weight", lambda a: a["weight"][:7], ValueError,
+     r"weight must have shape \(dim, width\) = \(8, 4\), got \(7, 4\)"),
+    ("weight", lambda a: a["weight"].double(), TypeError, r"weight must have dtype Float"),
+    ("bias", lambda a: a["bias"][:7], ValueError,
+     r"bias must have shape \(dim,\) = \(8,\), got \(7,\)"),
+    ("bias", lambda a: a["bias"].half(), TypeError, r"bias must have dtype Float"),
+    ("seq_idx", lambda a: a["seq_idx"][:, :5], ValueError,
+     r"seq_idx must have shape \(batch, seqlen\)"),
+    ("seq_idx", lambda a: a["seq_idx"].long(), TypeError, r"seq_idx must have dtype Int"),
+    ("initial_states", lambda a: a["initial_states"][:, :, :2], ValueError,
+     r"initial_states must have shape \(batch, dim, width - 1\) = \(2, 8, 3\), got \(2, 8, 2\)"),
+    ("initial_states", lambda a: a["initial_states"].double(), TypeError,
+     r"initial_states must have dtype Float"),
+]
+
+
+def bad_id(case):
+    return f"{case[0]}-{case[3][:40]}"
+
+
+def call_fwd(args):
+    return torch.ops.mamba_ext.causal_conv1d_fwd(args["x"], args["weight"], args["bias"],
+                                                 args["seq_idx"], args["initial_states"], True,
+                                                 True)
+
+
+def call_bwd(args):
+    x = args["x"]
+    dout = args.get("dout", torch.randn(x.shape, device=x.device) if x.dim() == 3 else x)
+    return torch.ops.mamba_ext.causal_conv1d_bwd(dout, args.get("dfinal_states"), x,
+                                                 args["weight"], args["bias"], args["seq_idx"],
+                                                 args["initial_states"], True)
+
+
+BAD_BWD_ARGS = [
+    ("dout", lambda a: a["x"][:, :, :5], ValueError,
+     r"dout must have shape \(batch, dim, seqlen\) = \(2, 8, 6\), got \(2, 8, 5\)"),
+    ("dout", lambda a: a["x"].double(), TypeError, r"dout must have dtype Float"),
+    ("dfinal_states", lambda a: a["initial_states"][:, :4], ValueError,
+     r"dfinal_states must have shape \(batch, dim, width - 1\) = \(2, 8, 3\), got \(2, 4, 3\)"),
+    ("dfinal_states", lambda a: a["initial_states"].half(), TypeError,
+     r"dfinal_states must have dtype Float"),
+]
+
+
+def valid_update_args(device):
+    return dict(x=torch.randn(3, 8, device=device),
+                conv_state=torch.randn(5, 8, 4, device=device),
+                weight=torch.randn(8, 4, device=device), bias=torch.randn(8, device=device),
+                cache_seqlens=torch.zeros(3, dtype=torch.int32, device=device),
+                conv_state_indices=torch.tensor([4, 0, 2], dtype=torch.int32, device=device))
+
+
+def without_indices(a):
+    a["conv_state_indices"] = None
+    return a["conv_state"]
+
+
+BAD_UPDATE_ARGS = [
+    ("x", lambda a: a["x"][0], ValueError,
+     r"x must have 2 dimensions \(batch, dim\) or 3 \(batch, dim, seqlen\), got 1"),
+    ("x", lambda a: a["x"][:, :, None, None], ValueError, r"x must have 2 dimensions .* got 4"),
+    ("x", lambda a: a["x"].int(), TypeError, r"x must have dtype in"),
+    ("weight", lambda a: torch.randn(8, 5), ValueError, r"weight must have a width"),
+    ("conv_state", lambda a: a["conv_state"][0], ValueError,
+     r"conv_state must have 3 dimensions \(state_batch, dim, state_len\), got 2"),
+    ("conv_state", lambda a: a["conv_state"][:, :7], ValueError,
+     r"conv_state must have shape \(state_batch, dim, state_len\) = \(5, 8, 4\), got \(5, 7, 4\)"),
+    ("conv_state", without_indices, ValueError,
+     r"conv_state must have shape \(batch, dim, state_len\) without conv_state_indices = "
+     r"\(3, 8, 4\), got \(5, 8, 4\)"),
+    ("conv_state", lambda a: a["conv_state"][:, :, :2], ValueError,
+     r"conv_state must have state_len >= width - 1 = 3, got shape \(5, 8, 2\)"),
+    ("conv_state", lambda a: a["conv_state"].double(), TypeError,
+     r"conv_state must have dtype Float"),
+    ("cache_seqlens", lambda a: a["cache_seqlens"][:2], ValueError,
+     r"cache_seqlens must have shape \(batch,\) = \(3,\), got \(2,\)"),
+    ("cache_seqlens", lambda a: a["cache_seqlens"].long(), TypeError,
+     r"cache_seqlens must have dtype Int"),
+    ("conv_state_indices", lambda a: a["conv_state_indices"][None], ValueError,
+     r"conv_state_indices must have shape \(batch,\)"),
+    ("conv_state_indices", lambda a: a["conv_state_indices"].long(), TypeError,
+     r"conv_state_indices must have dtype Int"),
+    ("conv_state_indices", lambda a: torch.tensor([4, 5, 2], dtype=torch.int32), ValueError,
+     r"conv_state_indices must be in \[0, state_batch\) = \[0, 5\), got 5 at batch entry 1"),
+    ("conv_state_indices", lambda a: torch.tensor([0, 1, -1], dtype=torch.int32), ValueError,
+     r"conv_state_indices must be in \[0, state_batch\) = \[0, 5\), got -1 at batch entry 2"),
+]
+
+
+# op: (valid arguments, call, bad arguments)
+BAD_INPUT_OPS = {
+    "causal_conv1d_fwd": (valid_conv_args, call_fwd, BAD_CONV_ARGS),
+    "causal_conv1d_bwd": (valid_conv_args, call_bwd, BAD_CONV_ARGS + BAD_BWD_ARGS),
+    "causal_conv1d_update": (valid_update_args, lambda args: causal_conv1d_update(**args),
+                             BAD_UPDATE_ARGS),
+}
+BAD_INPUTS = [(op, case) for op, (_, _, cases) in BAD_INPUT_OPS.items() for case in cases]
+BAD_INPUT_IDS = [f"{op}-{bad_id(case)}" for op, case in BAD_INPUTS]
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("op, case", BAD_INPUTS, ids=BAD_INPUT_IDS)
+def test_bad_input_is_refused(op, case, device):
+    valid_args, call, _ = BAD_INPUT_OPS[op]
+    name, replace, error, message = case
+    args = valid_args(device)
+    args[name] = replace(args).to(device)
+    before = {k: v.clone() for k, v in args.items() if torch.is_tensor(v)}
+    with pytest.raises(error, match=f"{op}: {message}"):
+        call(args)
+    assert all(torch.equal(args[k], v) for k, v in before.items()), "an input was written"
+
+
+@pytest.mark.parametrize("fn", [causal_conv1d_fn, causal_conv1d_update])
+def test_unknown_activation_is_refused(fn):
+    x = torch.randn(2, 8, 6)
+    args = (x, torch.randn(8, 4)) if fn is causal_conv1d_fn else (x, torch.randn(2, 8, 3),
+                                                                  torch.randn(8, 4))
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: activation must be None, 'silu' or "
+                                         rf"'swish', got 'relu'"):
+        fn(*args, activation="relu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch._C._dispatch_has_kernel_for_dispatch_key(
+    "mamba_ext::causal_conv1d_fwd", "CUDA"), reason="needs the CUDA kernels of causal_conv1d")
+@pytest.mark.parametrize("name", ["weight", "bias", "seq_idx", "initial_states"])
+def test_input_on_another_device_is_refused(name):
+    args = valid_conv_args("cuda")
+    args[name] = args[name].cpu()
+    with pytest.raises(ValueError, match=f"causal_conv1d_fwd: {name} must be on cuda"):
+        call_fwd(args)

@@ -1,9 +1,15 @@
 // Host side of the causal depthwise conv1d ops: argument checks, allocation, params, dtype
-// dispatch and the CPU registrations. The only file of the family that touches at::Tensor.
+// dispatch and the registrations. The only file of the family that touches at::Tensor. One
+// function per op serves the CPU and the CUDA kernels: they share every check and the params.
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
+
+#ifdef MAMBA_EXT_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "causal_conv1d/causal_conv1d.h"
 #include "common/check.h"
@@ -91,6 +97,15 @@ int64_t check_conv_inputs(const char* op, const at::Tensor& x, const at::Tensor&
   return width;
 }
 
+#ifdef MAMBA_EXT_WITH_CUDA
+// The CUDA launches return their launch error; the host raises it.
+void check_launch(const char* op, cudaError_t error) {
+  TORCH_CHECK(error == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(error));
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
+
 // weight and bias in the accumulation dtype, as the kernels read them (they are tiny).
 struct AccWeights {
   AccWeights(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias)
@@ -130,12 +145,13 @@ CausalConv1dFwdParams conv_params(const at::Tensor& x, const AccWeights& acc,
   return params;
 }
 
-std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd_cpu_op(
+std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd_op(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& seq_idx, const c10::optional<at::Tensor>& initial_states,
     bool return_final_states, bool silu) {
   const int64_t width = check_conv_inputs(kFwdOp, x, weight, opt_ptr(bias), opt_ptr(seq_idx),
                                           opt_ptr(initial_states));
+  const at::OptionalDeviceGuard guard(at::device_of(x));
   const AccWeights acc(x, weight, opt_ptr(bias));
   at::Tensor out = empty_in_layout_of(x);  // (batch, dim, seqlen)
   at::Tensor final_states = return_final_states  // (batch, dim, width - 1) or (0,)
@@ -150,12 +166,19 @@ std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd_cpu_op(
              params.final_states_width_stride);
     params.final_states = final_states.data_ptr();
   }
-  MAMBA_DISPATCH_INPUT_TYPES(x.scalar_type(), kFwdOp,
-                             [&] { causal_conv1d_fwd_cpu<input_t>(params); });
+  MAMBA_DISPATCH_INPUT_TYPES(x.scalar_type(), kFwdOp, [&] {
+#ifdef MAMBA_EXT_WITH_CUDA
+    if (x.is_cuda()) {
+      return check_launch(kFwdOp,
+                          causal_conv1d_fwd_cuda<cuda_type<input_t>>(params, current_stream()));
+    }
+#endif
+    causal_conv1d_fwd_cpu<input_t>(params);
+  });
   return {out, final_states};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cpu_op(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_op(
     const at::Tensor& dout, const c10::optional<at::Tensor>& dfinal_states, const at::Tensor& x,
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& seq_idx, const c10::optional<at::Tensor>& initial_states,
@@ -173,6 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cpu
     check_dtype(kBwdOp, "dfinal_states", *dfinal, x.scalar_type(), "like x");
     check_device(kBwdOp, "dfinal_states", *dfinal, x.device(), "x");
   }
+  const at::OptionalDeviceGuard guard(at::device_of(x));
   const AccWeights acc(x, weight, opt_ptr(bias));
   const at::TensorOptions acc_options = acc.weight.options();
   at::Tensor dx = empty_in_layout_of(x);                              // (batch, dim, seqlen)
@@ -201,15 +225,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cpu
              params.dinitial_states_dim_stride, params.dinitial_states_width_stride);
     params.dinitial_states = dinitial_states.data_ptr();
   }
-  MAMBA_DISPATCH_INPUT_TYPES(x.scalar_type(), kBwdOp,
-                             [&] { causal_conv1d_bwd_cpu<input_t>(params); });
+#ifdef MAMBA_EXT_WITH_CUDA
+  at::Tensor dweight_partials;  // (partial_rows, dim, 4 taps + bias): the CUDA kernels' scratch
+  if (x.is_cuda()) {
+    dweight_partials = at::empty(
+        {causal_conv1d_cuda_partial_rows(params), dim, kCausalConv1dCudaPartialSums}, acc_options);
+    params.dweight_partials = dweight_partials.data_ptr();
+  }
+#endif
+  MAMBA_DISPATCH_INPUT_TYPES(x.scalar_type(), kBwdOp, [&] {
+#ifdef MAMBA_EXT_WITH_CUDA
+    if (x.is_cuda()) {
+      return check_launch(kBwdOp,
+                          causal_conv1d_bwd_cuda<cuda_type<input_t>>(params, current_stream()));
+    }
+#endif
+    causal_conv1d_bwd_cpu<input_t>(params);
+  });
 
   at::Tensor dbias = bias.has_value() ? dbias_acc.to(bias->scalar_type())  // (dim,) or (0,)
                                       : at::empty({0}, weight.options());
   return {dx, dweight_acc.to(weight.scalar_type()), dbias, dinitial_states};
 }
 
-at::Tensor causal_conv1d_update_cpu_op(const at::Tensor& x, const at::Tensor& conv_state,
+at::Tensor causal_conv1d_update_op(const at::Tensor& x, const at::Tensor& conv_state,
                                        const at::Tensor& weight,
                                        const c10::optional<at::Tensor>& bias,
                                        const c10::optional<at::Tensor>& cache_seqlens,
@@ -251,15 +290,19 @@ at::Tensor causal_conv1d_update_cpu_op(const at::Tensor& x, const at::Tensor& co
     check_dtype(op, "conv_state_indices", *indices, at::kInt, "row indices");
     check_device(op, "conv_state_indices", *indices, x.device(), "x");
     indices_c = indices->contiguous();
-    // A bad index would write outside conv_state: refuse it here, where the data is on the host.
-    const int32_t* rows = indices_c.data_ptr<int32_t>();
-    for (int64_t b = 0; b < batch; ++b) {
-      TORCH_CHECK_VALUE(rows[b] >= 0 && rows[b] < state_batch, op,
-                        ": conv_state_indices must be in [0, state_batch) = [0, ", state_batch,
-                        "), got ", rows[b], " at batch entry ", b);
+    // A bad index would write outside conv_state: on the CPU, refuse it here, where the data is.
+    // On a GPU that would take a device sync: the CUDA kernel skips it instead (causal_conv1d.h).
+    if (!x.is_cuda()) {
+      const int32_t* rows = indices_c.data_ptr<int32_t>();
+      for (int64_t b = 0; b < batch; ++b) {
+        TORCH_CHECK_VALUE(rows[b] >= 0 && rows[b] < state_batch, op,
+                          ": conv_state_indices must be in [0, state_batch) = [0, ", state_batch,
+                          "), got ", rows[b], " at batch entry ", b);
+      }
     }
   }
 
+  const at::OptionalDeviceGuard guard(at::device_of(x));
   const AccWeights acc(x, weight, opt_ptr(bias));
   at::Tensor out = at::empty(x.sizes(), x.options());   // x's shape, contiguous
   const at::Tensor out3 = x.dim() == 2 ? out.unsqueeze(-1) : out;  // (batch, dim, seqlen)
@@ -283,8 +326,15 @@ at::Tensor causal_conv1d_update_cpu_op(const at::Tensor& x, const at::Tensor& co
   params.conv_state_indices = indices_c.defined() ? indices_c.data_ptr<int32_t>() : nullptr;
   params.out = out3.data_ptr();
   params.silu = silu;
-  MAMBA_DISPATCH_INPUT_TYPES(x.scalar_type(), kUpdateOp,
-                             [&] { causal_conv1d_update_cpu<input_t>(params); });
+  MAMBA_DISPATCH_INPUT_TYPES(x.scalar_type(), kUpdateOp, [&] {
+#ifdef MAMBA_EXT_WITH_CUDA
+    if (x.is_cuda()) {
+      return check_launch(kUpdateOp,
+                          causal_conv1d_update_cuda<cuda_type<input_t>>(params, current_stream()));
+    }
+#endif
+    causal_conv1d_update_cpu<input_t>(params);
+  });
   return out;
 }
 
@@ -292,7 +342,15 @@ at::Tensor causal_conv1d_update_cpu_op(const at::Tensor& x, const at::Tensor& co
 }  // namespace mamba_ext
 
 TORCH_LIBRARY_IMPL(mamba_ext, CPU, m) {
-  m.impl("causal_conv1d_fwd", &mamba_ext::causal_conv1d_fwd_cpu_op);
-  m.impl("causal_conv1d_bwd", &mamba_ext::causal_conv1d_bwd_cpu_op);
-  m.impl("causal_conv1d_update", &mamba_ext::causal_conv1d_update_cpu_op);
+  m.impl("causal_conv1d_fwd", &mamba_ext::causal_conv1d_fwd_op);
+  m.impl("causal_conv1d_bwd", &mamba_ext::causal_conv1d_bwd_op);
+  m.impl("causal_conv1d_update", &mamba_ext::causal_conv1d_update_op);
 }
+
+#ifdef MAMBA_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(mamba_ext, CUDA, m) {
+  m.impl("causal_conv1d_fwd", &mamba_ext::causal_conv1d_fwd_op);
+  m.impl("causal_conv1d_bwd", &mamba_ext::causal_conv1d_bwd_op);
+  m.impl("causal_conv1d_update", &mamba_ext::causal_conv1d_update_op);
+}
+#endif

@@ -9,6 +9,10 @@
 
 #include <cstdint>
 
+#ifdef MAMBA_EXT_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 namespace mamba_ext {
 
 struct CausalConv1dFwdParams {
@@ -50,6 +54,9 @@ struct CausalConv1dBwdParams : CausalConv1dFwdParams {
   void* dweight;              // (dim, width)
   void* dbias;                // (dim,), or nullptr: no bias
   void* dinitial_states;      // (batch, dim, width - 1), or nullptr: no initial_states
+  // CUDA only: scratch of per-block partial sums of dweight and dbias, contiguous
+  // acc_type<input_t>; causal_conv1d_cuda_partial_rows says how many rows.
+  void* dweight_partials;  // (partial_rows, dim, kCausalConv1dCudaPartialSums)
 };
 
 // Decode: each new token of x is convolved with the width - 1 state entries before it, then
@@ -80,5 +87,44 @@ struct CausalConv1dUpdateParams {
 template <typename input_t> void causal_conv1d_fwd_cpu(const CausalConv1dFwdParams& params);
 template <typename input_t> void causal_conv1d_bwd_cpu(const CausalConv1dBwdParams& params);
 template <typename input_t> void causal_conv1d_update_cpu(const CausalConv1dUpdateParams& params);
+
+#ifdef MAMBA_EXT_WITH_CUDA
+// Which CUDA kernel runs: the channel-last one (threads along channels, a window sliding over
+// tokens) when x's channels are closer in memory than its tokens, the contiguous one (threads
+// along tokens) otherwise.
+inline bool causal_conv1d_cuda_channels_inner(const CausalConv1dFwdParams& params) {
+  const int64_t dim_stride = params.x_dim_stride < 0 ? -params.x_dim_stride : params.x_dim_stride;
+  const int64_t seqlen_stride =
+      params.x_seqlen_stride < 0 ? -params.x_seqlen_stride : params.x_seqlen_stride;
+  return dim_stride < seqlen_stride;
+}
+
+// Tokens of one batch row over which a backward block sums dweight and dbias, by kernel, and
+// the sums of a channel: the 4 taps of the weights padded to 4 (leading zeros), then the bias.
+constexpr int64_t kCausalConv1dCudaBwdTileTokens = 2048;
+constexpr int64_t kCausalConv1dCudaBwdTileTokensChannelsInner = 512;
+constexpr int64_t kCausalConv1dCudaPartialSums = 5;
+
+// Rows of dweight_partials: one per (batch row, tile of tokens). A second kernel adds them in a
+// fixed order, so dweight and dbias are the same from run to run (no float atomics).
+inline int64_t causal_conv1d_cuda_partial_rows(const CausalConv1dFwdParams& params) {
+  const int64_t tile = causal_conv1d_cuda_channels_inner(params)
+                           ? kCausalConv1dCudaBwdTileTokensChannelsInner
+                           : kCausalConv1dCudaBwdTileTokens;
+  return params.batch * ((params.seqlen + tile - 1) / tile);
+}
+
+// input_t is float, double, __half or __nv_bfloat16. Each returns the launch error, if any
+// (cudaGetLastError after its launches), for the host to raise.
+template <typename input_t>
+cudaError_t causal_conv1d_fwd_cuda(const CausalConv1dFwdParams& params, cudaStream_t stream);
+template <typename input_t>
+cudaError_t causal_conv1d_bwd_cuda(const CausalConv1dBwdParams& params, cudaStream_t stream);
+// conv_state_indices cannot be range-checked on the host without a device sync: an entry outside
+// [0, state_batch) leaves conv_state untouched and gets out = 0 (vLLM's padding slot, -1, too).
+template <typename input_t>
+cudaError_t causal_conv1d_update_cuda(const CausalConv1dUpdateParams& params,
+                                      cudaStream_t stream);
+#endif
 
 }  // namespace mamba_ext

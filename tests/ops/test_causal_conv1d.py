@@ -8,6 +8,9 @@ from mamba_ext.ops import causal_conv1d_fn, causal_conv1d_update
 from mamba_ext.reference import causal_conv1d_ref, causal_conv1d_update_ref
 
 LAYOUTS = ("contiguous", "channel_last", "strided")
+requires_cuda_kernels = pytest.mark.skipif(
+    not torch._C._dispatch_has_kernel_for_dispatch_key("mamba_ext::causal_conv1d_fwd", "CUDA"),
+    reason="needs the CUDA kernels of causal_conv1d")
 
 
 def in_layout(x, layout):
@@ -504,6 +507,9 @@ BAD_INPUT_IDS = [f"{op}-{bad_id(case)}" for op, case in BAD_INPUTS]
 def test_bad_input_is_refused(op, case, device):
     valid_args, call, _ = BAD_INPUT_OPS[op]
     name, replace, error, message = case
+    if device == "cuda" and message.startswith(r"conv_state_indices must be in"):
+        pytest.skip("checking the values takes a device sync: the CUDA update skips such rows "
+                    "(test_update_skips_out_of_range_rows_on_cuda)")
     args = valid_args(device)
     args[name] = replace(args).to(device)
     before = {k: v.clone() for k, v in args.items() if torch.is_tensor(v)}
@@ -523,11 +529,197 @@ def test_unknown_activation_is_refused(fn):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch._C._dispatch_has_kernel_for_dispatch_key(
-    "mamba_ext::causal_conv1d_fwd", "CUDA"), reason="needs the CUDA kernels of causal_conv1d")
+@requires_cuda_kernels
 @pytest.mark.parametrize("name", ["weight", "bias", "seq_idx", "initial_states"])
 def test_input_on_another_device_is_refused(name):
     args = valid_conv_args("cuda")
     args[name] = args[name].cpu()
     with pytest.raises(ValueError, match=f"causal_conv1d_fwd: {name} must be on cuda"):
         call_fwd(args)
+
+
+# CUDA only: the CUDA kernels against the CPU kernels and the reference at sizes that span
+# several tiles, warps and blocks, on the edges of their fast paths, on a side stream.
+def on_device(t, device):
+    """t on device with the same sizes and strides (a slice keeps its gaps)."""
+    if t is None:
+        return None
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).copy_(t)
+
+
+def misaligned(t):
+    """The same values and strides as t (contiguous or channel-last), in a storage that starts
+    one element late, so that no row is 16-byte aligned."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = flat[1:].as_strided(t.shape, t.stride())
+    return view.copy_(t)
+
+
+def poison_cuda_cache():
+    """Fills the blocks the caching allocator hands out next with NaN: an output element that a
+    kernel leaves unwritten then fails the comparison."""
+    torch.full((1 << 26,), float("nan"), device="cuda")
+
+
+def conv_grads(inputs, dout, dfinal_states):
+    """out, final_states and the gradients of every floating input, by autograd."""
+    inputs = {k: v.detach().requires_grad_() if torch.is_tensor(v) and v.is_floating_point()
+              else v for k, v in inputs.items()}
+    out, final_states = causal_conv1d_fn(**inputs, return_final_states=True)
+    names = [k for k in ("x", "weight", "bias", "initial_states") if inputs[k] is not None]
+    grads = torch.autograd.grad((out, final_states), [inputs[k] for k in names],
+                                (dout, dfinal_states))
+    return {"out": out, "final_states": final_states,
+            **{f"d{k}": g for k, g in zip(names, grads)}}
+
+
+def reference_grads(inputs, dout, dfinal_states):
+    """conv_grads of the float64 reference."""
+    ref_inputs = {k: v.detach().double().requires_grad_()
+                  if torch.is_tensor(v) and v.is_floating_point() else v
+                  for k, v in inputs.items()}
+    out, final_states = causal_conv1d_ref(**ref_inputs, return_final_states=True)
+    names = [k for k in ("x", "weight", "bias", "initial_states") if ref_inputs[k] is not None]
+    grads = torch.autograd.grad((out, final_states), [ref_inputs[k] for k in names],
+                                (dout.double(), dfinal_states.double()))
+    return {"out": out, "final_states": final_states,
+            **{f"d{k}": g for k, g in zip(names, grads)}}
+
+
+CUDA_CASES = [
+    # (batch, dim, seqlen, width, layout, seq_idx, initial_states, misaligned)
+    (2, 300, 1000, 4, "contiguous", True, True, False),
+    (2, 300, 1000, 4, "channel_last", True, True, False),
+    (2, 304, 2049, 3, "contiguous", False, True, False),  # a tile and one token
+    (1, 64, 4100, 2, "channel_last", True, False, False),  # tiles of 512, and 4 more tokens
+    (3, 7, 4096, 4, "contiguous", True, True, False),  # odd dim: no channel-last vectors
+    (3, 7, 1000, 4, "channel_last", False, True, False),
+    (2, 40, 1000, 4, "contiguous", True, True, True),
+    (2, 40, 1000, 4, "channel_last", True, True, True),
+    (2, 16, 1, 4, "contiguous", False, True, False),
+    (2, 16, 3, 3, "channel_last", True, True, False),
+    (2, 33, 1000, 4, "strided", True, True, False),
+    (2, 40000, 8, 4, "contiguous", False, False, False),  # more rows than gridDim.y allows
+]
+
+
+def cuda_case_id(case):
+    return "-".join(str(v) for v in case)
+
+
+@pytest.mark.parametrize("dtypes", DTYPES[:2], ids=dtype_id)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=cuda_case_id)
+@pytest.mark.cuda
+@requires_cuda_kernels
+def test_cuda_matches_cpu_and_reference(case, dtypes):
+    batch, dim, seqlen, width, layout, seq_idx, initial_states, shift = case
+    dtype, weight_dtype = dtypes
+    cpu_inputs = make_conv_inputs((seqlen, dim, width, layout, True, True, initial_states,
+                                   seq_idx), dtype, weight_dtype, "cpu", batch=batch)
+    cuda_inputs = {k: on_device(v, "cuda") if torch.is_tensor(v) else v
+                   for k, v in cpu_inputs.items()}
+    if shift:
+        cuda_inputs["x"] = misaligned(cuda_inputs["x"])
+    # dout in out's layout, as autograd brings it.
+    dout = in_layout(torch.randn(batch, dim, seqlen, dtype=dtype),
+                     "channel_last" if layout == "channel_last" else "contiguous")
+    dfinal_states = torch.randn(batch, dim, width - 1, dtype=dtype)
+
+    poison_cuda_cache()
+    got = conv_grads(cuda_inputs, on_device(dout, "cuda"), dfinal_states.cuda())
+    cpu = conv_grads(cpu_inputs, dout, dfinal_states)
+    ref = reference_grads(cpu_inputs, dout, dfinal_states)
+    assert got["out"].stride() == cpu["out"].stride()
+    for name, value in got.items():
+        value = value.cpu()
+        if name == "final_states":  # copies of inputs: exact
+            assert torch.equal(value, cpu[name]), name
+            continue
+        helpers.assert_close(value, ref[name], dtype, name=name)
+        helpers.assert_close(value, cpu[name].double(), dtype, name=f"{name} against the CPU")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
+@pytest.mark.parametrize("width", [2, 4])
+@pytest.mark.cuda
+@requires_cuda_kernels
+def test_cuda_gradcheck_across_tiles(width, layout):
+    """gradcheck in float64 where tokens cross warps, blocks and tiles (a thread's halos)."""
+    batch, dim, seqlen = 1, 2, 600
+    opts = dict(device="cuda", dtype=torch.float64)
+    x = in_layout(torch.randn(batch, dim, seqlen, **opts), layout).requires_grad_()
+    weight = torch.randn(dim, width, **opts, requires_grad=True)
+    bias = torch.randn(dim, **opts, requires_grad=True)
+    initial_states = torch.randn(batch, dim, width - 1, **opts, requires_grad=True)
+    seq = make_seq_idx(batch, seqlen, "cuda")
+
+    def conv(x, weight, bias, initial_states):
+        return causal_conv1d_fn(x, weight, bias, seq, initial_states, return_final_states=True,
+                                activation="silu")
+
+    assert torch.autograd.gradcheck(conv, (x, weight, bias, initial_states), fast_mode=True)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
+@pytest.mark.cuda
+@requires_cuda_kernels
+def test_cuda_dweight_is_run_to_run_identical(layout):
+    inputs = make_conv_inputs((5000, 512, 4, layout, True, True, True, True), torch.bfloat16,
+                              torch.float32, "cuda", batch=4)
+    dout = torch.randn(inputs["x"].shape, dtype=torch.bfloat16, device="cuda")
+
+    def bwd():
+        return torch.ops.mamba_ext.causal_conv1d_bwd(
+            dout, None, inputs["x"], inputs["weight"], inputs["bias"], inputs["seq_idx"],
+            inputs["initial_states"], True)
+
+    first = bwd()
+    for _ in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(first, bwd()))
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+def test_cuda_ops_follow_the_current_stream():
+    inputs = make_conv_inputs((3000, 64, 4, "contiguous", True, True, True, True), torch.float32,
+                              torch.float32, "cuda")
+    dout = torch.randn(inputs["x"].shape, device="cuda")
+    dfinal_states = torch.randn(2, 64, 3, device="cuda")
+    state = torch.randn(2, 64, 3, device="cuda")
+    expected = conv_grads(inputs, dout, dfinal_states)
+    expected_state = state.clone()
+    expected["update"] = causal_conv1d_update(inputs["x"][:, :, 0], expected_state,
+                                              inputs["weight"])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        # Inputs made on the side stream just before: a kernel on another stream would race them.
+        side_inputs = {k: v * 1 if torch.is_tensor(v) and v.is_floating_point() else v
+                       for k, v in inputs.items()}
+        got = conv_grads(side_inputs, dout * 1, dfinal_states * 1)
+        side_state = state * 1
+        got["update"] = causal_conv1d_update(side_inputs["x"][:, :, 0], side_state,
+                                             side_inputs["weight"])
+    side.synchronize()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert torch.equal(side_state, expected_state)
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+def test_update_skips_out_of_range_rows_on_cuda():
+    """conv_state_indices outside [0, state_batch), vLLM's padding slot -1 among them: the row's
+    state is left alone and its output is 0; the other rows are updated as usual."""
+    inputs = make_update_inputs((3, 4, 0, False, True, "contiguous"), torch.float32,
+                                torch.float32, "cuda", batch=4)
+    inputs["conv_state_indices"] = torch.tensor([2, -1, 6, 0], dtype=torch.int32, device="cuda")
+    state_before = inputs["conv_state"].clone()
+    out = causal_conv1d_update(**inputs)
+    kept = [0, 3]
+    ref_inputs = as_float64({**inputs, "x": inputs["x"][kept], "conv_state": state_before.clone(),
+                             "conv_state_indices": inputs["conv_state_indices"][kept]})
+    ref_out = causal_conv1d_update_ref(**ref_inputs)
+    helpers.assert_close(out[kept], ref_out, torch.float32)
+    assert torch.equal(out[[1, 2]], torch.zeros_like(out[[1, 2]]))
+    assert torch.equal(inputs["conv_state"], ref_inputs["conv_state"].float())

@@ -1,0 +1,384 @@
+// CUDA backward of the causal depthwise conv1d. With dz = dout * act'(z) on tokens that are not
+// padding (0 on padding and past the end), z recomputed from x (no saved activations), and
+// tap k of token t reading x' at t - kHalo + k when it is on (Taps):
+//   dx'[s]   = sum_k w[k] dz[s + kHalo - k] [tap k of token s + kHalo - k is on]
+//              (+ dfinal_states at the last width - 1 positions, where kept)
+//   dw[k]    = sum_t dz[t] x'[t - kHalo + k] [tap k of token t is on],   dbias = sum_t dz[t]
+// dx' splits into dinitial_states (positions before 0) and dx. Each block writes its tile's sums
+// of dweight and dbias to a row of dweight_partials; a second kernel adds the rows in a fixed
+// order, so the result is the same from run to run (no float atomics).
+//
+// Contiguous x: the forward's tiles (ContiguousTraits); a vector's dz of the kHalo tokens after
+// it comes from the right lane by a shuffle, for lane 31 from its own next vector or, after its
+// last, computed from the x and dout of those tokens, which it loads itself. Channel-last x: a
+// warp of threads side by side along channels sweeps a run of tokens with a window of x and of
+// dz (ChannelsInnerTraits).
+#pragma once
+
+#include "causal_conv1d/cuda/causal_conv1d_common.cuh"
+
+namespace mamba_ext {
+namespace causal_conv1d_cuda {
+
+// dfinal_states[b, d, k] where position s is final state k (s = seqlen - (width - 1) + k) and it
+// is kept, else 0.
+template <typename input_t>
+__device__ __forceinline__ acc_type<input_t> dfinal_at(const CausalConv1dBwdParams& params,
+                                                       int64_t b, int64_t d, int64_t s) {
+  const int64_t k = s - (params.seqlen - (params.width - 1));
+  if (params.dfinal_states == nullptr || k < 0 || k >= params.width - 1 ||
+      !final_state_kept(params, b, k))
+    return acc_type<input_t>(0);
+  return to_acc(static_cast<const input_t*>(params.dfinal_states)[
+      b * params.dfinal_states_batch_stride + d * params.dfinal_states_dim_stride +
+      k * params.dfinal_states_width_stride]);
+}
+
+template <typename input_t>
+__device__ __forceinline__ void store_dinitial_state(const CausalConv1dBwdParams& params,
+                                                     int64_t b, int64_t d, int64_t s,
+                                                     acc_type<input_t> v) {
+  static_cast<input_t*>(params.dinitial_states)[
+      b * params.dinitial_states_batch_stride + d * params.dinitial_states_dim_stride +
+      (s + params.width - 1) * params.dinitial_states_width_stride] = from_acc<input_t>(v);
+}
+
+// dz of the kN tokens [t, t + kN) of one row: dy (dout) times act'(z), with x' of the window
+// xs[i] = token t - kHalo + i; 0 on padding and past the end.
+template <bool kSilu, int kN, typename acc_t>
+__device__ __forceinline__ void dz_of_tokens(const CausalConv1dFwdParams& params,
+                                             const Taps<acc_t>& taps, const TokenMasks& masks,
+                                             int64_t t, const acc_t (&xs)[kHalo + kN],
+                                             const acc_t (&dy)[kN], acc_t (&dz)[kN]) {
+#pragma unroll
+  for (int e = 0; e < kN; ++e) {
+    const acc_t x[kMaxWidth] = {xs[e], xs[e + 1], xs[e + 2], xs[e + 3]};
+    const bool live = t + e < params.seqlen && !(masks.padding >> e & 1u);
+    const acc_t z = taps.conv(x, bits_of(masks.reads, e));
+    dz[e] = zero_unless(live, dy[e] * activation_grad<kSilu>(z));
+  }
+}
+
+template <typename input_t, bool kVectorized, bool kSilu>
+__device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& params) {
+  using Traits = ContiguousTraits<input_t>;
+  using acc_t = typename Traits::acc_t;
+  constexpr int kNElts = Traits::kNElts, kNVecs = Traits::kNVecs;
+  const ContiguousThread<Traits> thread(params);
+  const int64_t b = thread.b, d = thread.d;
+  const int lane = thread.lane;
+  Taps<acc_t> taps;
+  taps.load(params, d);
+  const input_t* dout = static_cast<const input_t*>(params.dout) + b * params.dout_batch_stride +
+                        d * params.dout_dim_stride;
+
+  // Lane 31 computes the dz of the kHalo tokens after the warp's itself: their x and dout,
+  // issued first so that they are in flight with the vectors.
+  const int64_t warp_end = thread.warp_t0 + Traits::kWarpTokens;
+  acc_t x_after[kHalo] = {}, dy_after[kHalo] = {};
+  if (lane == 31) {
+#pragma unroll
+    for (int i = 0; i < kHalo; ++i) {
+      x_after[i] = x_at<input_t>(params, b, d, warp_end + i);
+      if (warp_end + i < params.seqlen)
+        dy_after[i] = to_acc(dout[(warp_end + i) * params.dout_seqlen_stride]);
+    }
+  }
+  acc_t dy[kNVecs][kNElts];  // (vector, tokens)
+  load_vectors<kVectorized>(dout, params.dout_seqlen_stride, thread.t0, params.seqlen, dy);
+  acc_t xs[kNVecs][Traits::kWindow];  // (vector, kHalo + kNElts tokens)
+  load_x_windows<Traits, kVectorized>(params, thread, xs);
+
+  // dz[u]: the tokens of vector u, then the kHalo tokens after it.
+  acc_t dz[kNVecs][kNElts + kHalo];
+  TokenMasks masks[kNVecs];
+#pragma unroll
+  for (int u = 0; u < kNVecs; ++u) {
+    masks[u] = token_masks<kNElts>(params, taps, b, thread.vector_t0(u));
+    acc_t own[kNElts];
+    dz_of_tokens<kSilu>(params, taps, masks[u], thread.vector_t0(u), xs[u], dy[u], own);
+#pragma unroll
+    for (int e = 0; e < kNElts; ++e) dz[u][e] = own[e];
+  }
+  acc_t dz_after[kHalo] = {};
+  if (lane == 31) {
+    const acc_t(&tail)[Traits::kWindow] = xs[kNVecs - 1];
+    const acc_t window[kHalo + kHalo] = {tail[kNElts], tail[kNElts + 1], tail[kNElts + 2],
+                                         x_after[0], x_after[1], x_after[2]};
+    dz_of_tokens<kSilu>(params, taps, token_masks<kHalo>(params, taps, b, warp_end), warp_end,
+                        window, dy_after, dz_after);
+  }
+  // The right halo: the head of the next vector, the right lane's or, for lane 31, its own next.
+#pragma unroll
+  for (int u = 0; u < kNVecs; ++u) {
+#pragma unroll
+    for (int i = 0; i < kHalo; ++i) {
+      const acc_t from_right = __shfl_down_sync(kFullMask, dz[u][i], 1);
+      const acc_t from_next =
+          u + 1 < kNVecs ? __shfl_sync(kFullMask, dz[u + 1 < kNVecs ? u + 1 : u][i], 0)
+                         : dz_after[i];
+      dz[u][kNElts + i] = lane < 31 ? from_right : from_next;
+    }
+  }
+
+  acc_t dx[kNVecs][kNElts];  // (vector, tokens)
+  acc_t sums[kNSums] = {};   // dw[0..kMaxWidth), dbias
+#pragma unroll
+  for (int u = 0; u < kNVecs; ++u) {
+#pragma unroll
+    for (int e = 0; e < kNElts; ++e) {
+      // Position t + e is read by tap k of token t + e + kHalo - k.
+      acc_t g = dfinal_at<input_t>(params, b, d, thread.vector_t0(u) + e);
+      const unsigned read_by = bits_of(masks[u].read_by, e), reads = bits_of(masks[u].reads, e);
+#pragma unroll
+      for (int k = 0; k < kMaxWidth; ++k) {
+        g = (read_by >> k & 1u) ? fma(taps.w[k], dz[u][e + kHalo - k], g) : g;
+        sums[k] = (reads >> k & 1u) ? fma(dz[u][e], xs[u][e + k], sums[k]) : sums[k];
+      }
+      sums[kMaxWidth] += dz[u][e];
+      dx[u][e] = g;
+    }
+  }
+  store_vectors<kVectorized>(static_cast<input_t*>(params.dx) + b * params.dx_batch_stride +
+                                 d * params.dx_dim_stride,
+                             params.dx_seqlen_stride, thread.t0, params.seqlen, dx);
+  // dinitial_states: the positions [-(width - 1), 0) before token 0, thread 0 of tile 0.
+  if (params.dinitial_states != nullptr && thread.tile == 0 && threadIdx.x == 0) {
+    const unsigned read_by = token_masks<kHalo>(params, taps, b, -kHalo).read_by;
+#pragma unroll
+    for (int s = -kHalo; s < 0; ++s) {
+      if (s < -(params.width - 1)) continue;
+      acc_t g = dfinal_at<input_t>(params, b, d, s);
+#pragma unroll
+      for (int k = 0; k < kMaxWidth; ++k) {
+        const int j = s + kHalo - k;  // the token of tap k, dz[0][j]: token 0 on
+        if (j >= 0 && (bits_of(read_by, s + kHalo) >> k & 1u)) g = fma(taps.w[k], dz[0][j], g);
+      }
+      store_dinitial_state<input_t>(params, b, d, s, g);
+    }
+  }
+
+  // The block's sums, in a fixed order: a butterfly within each warp, then the warps in turn.
+  __shared__ acc_t warp_sums[Traits::kNWarps][kNSums];
+#pragma unroll
+  for (int k = 0; k < kNSums; ++k) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2)
+      sums[k] += __shfl_xor_sync(kFullMask, sums[k], offset);
+    if (lane == 0) warp_sums[thread.warp][k] = sums[k];
+  }
+  __syncthreads();
+  if (threadIdx.x < kNSums) {
+    acc_t total = 0;
+#pragma unroll
+    for (int w = 0; w < Traits::kNWarps; ++w) total += warp_sums[w][threadIdx.x];
+    static_cast<acc_t*>(params.dweight_partials)[
+        ((b * thread.ntiles + thread.tile) * params.dim + d) * kNSums + threadIdx.x] = total;
+  }
+}
+
+template <typename input_t, bool kVectorized>
+__global__ void __launch_bounds__(ContiguousTraits<input_t>::kNThreads)
+    causal_conv1d_bwd_contiguous_kernel(const CausalConv1dBwdParams params) {
+  with_activation(params.silu, [&](auto silu) {
+    bwd_contiguous<input_t, kVectorized, decltype(silu)::value>(params);
+  });
+}
+
+template <typename input_t, bool kVectorized, bool kSilu>
+__device__ __forceinline__ void bwd_channels_inner(const CausalConv1dBwdParams& params) {
+  using Traits = ChannelsInnerTraits<input_t>;
+  using acc_t = typename Traits::acc_t;
+  constexpr int kNElts = Traits::kNElts, kStep = Traits::kBwdStepTokens;
+  constexpr int kBlockChannels = Traits::kBwdBlockChannels;
+  // 32-bit division: the grid has fewer than 2^31 blocks.
+  const unsigned channel_blocks = ceil_div(params.dim, kBlockChannels);
+  const unsigned ntiles = ceil_div(params.seqlen, Traits::kBwdTileTokens);
+  const int64_t block_c0 = int64_t(blockIdx.x % channel_blocks) * kBlockChannels;
+  const int64_t tile = blockIdx.x / channel_blocks % ntiles;
+  const int64_t b = blockIdx.x / channel_blocks / ntiles;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t c0 = block_c0 + lane * kNElts;
+  // Threads past the last channel run with no channels: they take part in the block's sums.
+  const int nch = count_in(params.dim - c0, kNElts);
+  const int64_t run_t0 = tile * Traits::kBwdTileTokens + warp * Traits::kBwdRunTokens;
+  const int64_t run_end = min(run_t0 + Traits::kBwdRunTokens, params.seqlen);
+
+  Taps<acc_t> taps[kNElts];
+#pragma unroll
+  for (int i = 0; i < kNElts; ++i) taps[i].load(params, nch > 0 ? c0 + (i < nch ? i : 0) : 0);
+  // The window of the step at t: tokens [t - kHalo, t + kStep); the first kHalo carry over.
+  acc_t xs[kHalo + kStep][kNElts];  // (tokens, channels)
+  acc_t dz[kHalo + kStep][kNElts];  // (tokens, channels); 0 before the run, unread there
+#pragma unroll
+  for (int j = 0; j < kHalo; ++j) {
+    load_x_token<kVectorized, kNElts, input_t>(params, b, c0, nch, run_t0 - kHalo + j, xs[j]);
+#pragma unroll
+    for (int i = 0; i < kNElts; ++i) dz[j][i] = acc_t(0);
+  }
+  acc_t dw[kMaxWidth][kNElts] = {};  // (taps, channels)
+  acc_t dbias[kNElts] = {};
+  const input_t* dout = static_cast<const input_t*>(params.dout) + b * params.dout_batch_stride +
+                        c0 * params.dout_dim_stride;
+  input_t* dx = static_cast<input_t*>(params.dx) + b * params.dx_batch_stride +
+                c0 * params.dx_dim_stride;
+  const bool has_dinitial = params.dinitial_states != nullptr && run_t0 == 0;
+  // A step computes dz of tokens [t, t + kStep) and emits dx' at the positions [t - kHalo,
+  // t - kHalo + kStep), whose dz are then complete: the sweep runs kHalo tokens past the run.
+#pragma unroll 1
+  for (int64_t t = run_t0; t - kHalo < run_end; t += kStep) {
+    acc_t dy[kStep][kNElts];  // (tokens, channels)
+#pragma unroll
+    for (int j = 0; j < kStep; ++j) {
+      load_x_token<kVectorized, kNElts, input_t>(params, b, c0, nch, t + j, xs[kHalo + j]);
+      load_as_acc<kVectorized>(dout + (t + j) * params.dout_seqlen_stride,
+                               params.dout_dim_stride, t + j < params.seqlen ? nch : 0, dy[j]);
+    }
+    const TokenMasks token = token_masks<kStep>(params, taps[0], b, t);
+    const TokenMasks position = token_masks<kStep>(params, taps[0], b, t - kHalo);
+#pragma unroll
+    for (int i = 0; i < kNElts; ++i) {
+      acc_t window[kHalo + kStep], dy_i[kStep], dz_i[kStep];
+#pragma unroll
+      for (int j = 0; j < kHalo + kStep; ++j) window[j] = xs[j][i];
+#pragma unroll
+      for (int j = 0; j < kStep; ++j) dy_i[j] = dy[j][i];
+      dz_of_tokens<kSilu>(params, taps[i], token, t, window, dy_i, dz_i);
+#pragma unroll
+      for (int j = 0; j < kStep; ++j) {
+        dz[kHalo + j][i] = dz_i[j];
+        if (t + j >= run_end) continue;  // the next run's token
+        const unsigned reads = bits_of(token.reads, j);
+#pragma unroll
+        for (int k = 0; k < kMaxWidth; ++k)
+          dw[k][i] = (reads >> k & 1u) ? fma(dz_i[j], window[j + k], dw[k][i]) : dw[k][i];
+        dbias[i] += dz_i[j];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kStep; ++j) {
+      const int64_t pos = t - kHalo + j;  // read by tap k of window token j + kHalo - k
+      const bool to_dx = pos >= run_t0 && pos < run_end;
+      const bool to_dinitial = has_dinitial && pos < 0 && pos >= -(params.width - 1);
+      if (!to_dx && !to_dinitial) continue;
+      const unsigned read_by = bits_of(position.read_by, j);
+      acc_t g[kNElts];
+#pragma unroll
+      for (int i = 0; i < kNElts; ++i) {
+        g[i] = i < nch ? dfinal_at<input_t>(params, b, c0 + i, pos) : acc_t(0);
+#pragma unroll
+        for (int k = 0; k < kMaxWidth; ++k)
+          g[i] = (read_by >> k & 1u) ? fma(taps[i].w[k], dz[j + kHalo - k][i], g[i]) : g[i];
+      }
+      if (to_dx) {
+        store_from_acc<kVectorized>(dx + pos * params.dx_seqlen_stride, params.dx_dim_stride,
+                                    nch, g);
+      } else {
+        for (int i = 0; i < nch; ++i) store_dinitial_state<input_t>(params, b, c0 + i, pos, g[i]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kHalo; ++j) {
+#pragma unroll
+      for (int i = 0; i < kNElts; ++i) {
+        xs[j][i] = xs[kStep + j][i];
+        dz[j][i] = dz[kStep + j][i];
+      }
+    }
+  }
+
+  // The block's sums over its warps, in order; then written channel by channel, coalesced.
+  __shared__ acc_t warp_sums[Traits::kNWarps][kNSums][kBlockChannels];
+#pragma unroll
+  for (int i = 0; i < kNElts; ++i) {
+#pragma unroll
+    for (int k = 0; k < kMaxWidth; ++k) warp_sums[warp][k][lane * kNElts + i] = dw[k][i];
+    warp_sums[warp][kMaxWidth][lane * kNElts + i] = dbias[i];
+  }
+  __syncthreads();
+  acc_t* partials = static_cast<acc_t*>(params.dweight_partials) +
+                    ((b * ntiles + tile) * params.dim + block_c0) * kNSums;
+  for (int idx = threadIdx.x; idx < kBlockChannels * kNSums; idx += Traits::kNThreads) {
+    const int channel = idx / kNSums, k = idx % kNSums;
+    if (block_c0 + channel >= params.dim) break;
+    acc_t total = 0;
+#pragma unroll
+    for (int w = 0; w < Traits::kNWarps; ++w) total += warp_sums[w][k][channel];
+    partials[idx] = total;
+  }
+}
+
+template <typename input_t, bool kVectorized>
+__global__ void __launch_bounds__(ChannelsInnerTraits<input_t>::kNThreads)
+    causal_conv1d_bwd_channels_inner_kernel(const CausalConv1dBwdParams params) {
+  with_activation(params.silu, [&](auto silu) {
+    bwd_channels_inner<input_t, kVectorized, decltype(silu)::value>(params);
+  });
+}
+
+// dweight[d, :] and dbias[d]: the sums of the rows of dweight_partials, in row order.
+template <typename acc_t>
+__global__ void causal_conv1d_reduce_dweight_kernel(const CausalConv1dBwdParams params,
+                                                    int64_t rows) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= params.dim * kNSums) return;
+  const int64_t d = idx / kNSums;
+  const int k = idx % kNSums;
+  const acc_t* partials = static_cast<const acc_t*>(params.dweight_partials);
+  acc_t total = 0;
+  for (int64_t r = 0; r < rows; ++r) total += partials[r * params.dim * kNSums + idx];
+  const int first = kMaxWidth - static_cast<int>(params.width);
+  if (k == kMaxWidth) {
+    if (params.dbias != nullptr) static_cast<acc_t*>(params.dbias)[d] = total;
+  } else if (k >= first) {
+    static_cast<acc_t*>(params.dweight)[d * params.width + k - first] = total;
+  }
+}
+
+// Whether x, dout and dx are vectors of N tokens (contiguous) or N channels (channel-last).
+template <typename input_t, int N>
+bool bwd_vectorizable(const CausalConv1dBwdParams& params, bool channels_inner) {
+  return rows_vectorizable<input_t, N>(channels_inner, params.x, params.x_batch_stride,
+                                       params.x_dim_stride, params.x_seqlen_stride) &&
+         rows_vectorizable<input_t, N>(channels_inner, params.dout, params.dout_batch_stride,
+                                       params.dout_dim_stride, params.dout_seqlen_stride) &&
+         rows_vectorizable<input_t, N>(channels_inner, params.dx, params.dx_batch_stride,
+                                       params.dx_dim_stride, params.dx_seqlen_stride);
+}
+
+}  // namespace causal_conv1d_cuda
+
+template <typename input_t>
+cudaError_t causal_conv1d_bwd_cuda(const CausalConv1dBwdParams& params, cudaStream_t stream) {
+  using namespace causal_conv1d_cuda;
+  using acc_t = acc_type<input_t>;
+  if (params.dim == 0) return cudaSuccess;
+  cudaError_t error = cudaSuccess;
+  if (params.batch > 0 && causal_conv1d_cuda_channels_inner(params)) {
+    using Traits = ChannelsInnerTraits<input_t>;
+    const int64_t blocks = params.batch * ceil_div(params.seqlen, Traits::kBwdTileTokens) *
+                           ceil_div(params.dim, Traits::kBwdBlockChannels);
+    error = launch_blocks(blocks, Traits::kNThreads, stream,
+                          bwd_vectorizable<input_t, Traits::kNElts>(params, true)
+                              ? causal_conv1d_bwd_channels_inner_kernel<input_t, true>
+                              : causal_conv1d_bwd_channels_inner_kernel<input_t, false>,
+                          params);
+  } else if (params.batch > 0) {
+    using Traits = ContiguousTraits<input_t>;
+    const int64_t blocks =
+        params.batch * params.dim * ceil_div(params.seqlen, Traits::kTileTokens);
+    error = launch_blocks(blocks, Traits::kNThreads, stream,
+                          bwd_vectorizable<input_t, Traits::kNElts>(params, false)
+                              ? causal_conv1d_bwd_contiguous_kernel<input_t, true>
+                              : causal_conv1d_bwd_contiguous_kernel<input_t, false>,
+                          params);
+  }
+  if (error != cudaSuccess) return error;
+  // Also with no batch rows: dweight and dbias are then zeros.
+  constexpr int kReduceThreads = 256;
+  return launch_blocks(ceil_div(params.dim * kNSums, kReduceThreads), kReduceThreads, stream,
+                       causal_conv1d_reduce_dweight_kernel<acc_t>, params,
+                       causal_conv1d_cuda_partial_rows(params));
+}
+
+}  // namespace mamba_ext

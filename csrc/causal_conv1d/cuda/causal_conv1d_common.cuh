@@ -1,0 +1,475 @@
+// What the CUDA kernels of the causal conv1d share: conversions, the taps of one channel, scalar
+// reads of the padded time axis (causal_conv1d.h defines x' and seq'), vector loads and stores.
+//
+// Widths 2..4 run as 4 taps with the weights right-aligned (leading taps off), so that one
+// kernel serves every width. A tap that is off (before the width, or reading another sequence)
+// is selected away rather than multiplied by 0, so that it never brings in a NaN or Inf.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "causal_conv1d/causal_conv1d.h"
+#include "common/math.h"
+
+namespace mamba_ext {
+namespace causal_conv1d_cuda {
+
+constexpr int kMaxWidth = 4;
+constexpr int kHalo = kMaxWidth - 1;  // tokens a token reads before itself
+constexpr int kNSums = kMaxWidth + 1;  // a row of dweight_partials: 4 taps, then the bias
+static_assert(kNSums == kCausalConv1dCudaPartialSums, "the host sizes dweight_partials");
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// The host builds with __CUDA_NO_HALF_CONVERSIONS__ (torch's default): convert explicitly.
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(float v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <typename T> __device__ __forceinline__ T from_acc(double v) { return v; }
+
+// sigmoid on the special-function unit (2^x flushing denormals, and a reciprocal): a kernel at
+// the bandwidth roofline has no issue slots to spare for a full-precision expf (the relative
+// error, ~1e-6, is far inside fp32's tolerance).
+__device__ __forceinline__ float sigmoid_fast(float z) {
+  float e;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(z * -1.4426950408889634f));
+  return __fdividef(1.0f, 1.0f + e);
+}
+__device__ __forceinline__ double sigmoid_fast(double z) { return 1.0 / (1.0 + exp(-z)); }
+
+template <bool kSilu, typename acc_t> __device__ __forceinline__ acc_t activate(acc_t z) {
+  return kSilu ? z * sigmoid_fast(z) : z;
+}
+
+// d out / d z.
+template <bool kSilu, typename acc_t> __device__ __forceinline__ acc_t activation_grad(acc_t z) {
+  if (!kSilu) return acc_t(1);
+  const acc_t s = sigmoid_fast(z);
+  return s * (acc_t(1) + z * (acc_t(1) - s));
+}
+
+// v, or +0 where !keep, by masking its bits: no branch, and a NaN or Inf in v does not leak.
+__device__ __forceinline__ float zero_unless(bool keep, float v) {
+  return __int_as_float(__float_as_int(v) & (keep ? ~0 : 0));
+}
+__device__ __forceinline__ double zero_unless(bool keep, double v) {
+  return __longlong_as_double(__double_as_longlong(v) & (keep ? ~0ll : 0ll));
+}
+
+// Runs body(std::integral_constant<bool, silu>): the activation as a branch over the whole
+// kernel, uniform, so that the per-token code has none.
+template <typename Body> __device__ __forceinline__ void with_activation(bool silu, Body body) {
+  if (silu) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
+  }
+}
+
+// The taps of one channel. Params is CausalConv1dFwdParams or CausalConv1dUpdateParams.
+// Which taps are on for a token is a mask of kMaxWidth bits, bit k for tap k.
+template <typename acc_t> struct Taps {
+  acc_t w[kMaxWidth];  // weight[d, k - first] at k >= first, 0 before
+  acc_t bias;
+  int first;             // kMaxWidth - width
+  unsigned width_bits;   // the taps of the width: bits [first, kMaxWidth)
+
+  template <typename Params> __device__ __forceinline__ void load(const Params& params, int64_t d) {
+    first = kMaxWidth - static_cast<int>(params.width);
+    width_bits = ((1u << kMaxWidth) - 1) & ~((1u << first) - 1);
+    const acc_t* weight = static_cast<const acc_t*>(params.weight) + d * params.weight_dim_stride;
+#pragma unroll
+    for (int k = 0; k < kMaxWidth; ++k)
+      w[k] = k >= first ? weight[(k - first) * params.weight_width_stride] : acc_t(0);
+    bias = params.bias == nullptr ? acc_t(0)
+                                  : static_cast<const acc_t*>(params.bias)[d * params.bias_stride];
+  }
+
+  // The taps of the width whose sequence seq[k] is `own`, the sequence of the token.
+  __device__ __forceinline__ unsigned in_sequence(const int (&seq)[kMaxWidth], int own) const {
+    unsigned bits = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxWidth; ++k) bits |= unsigned(seq[k] == own) << k;
+    return width_bits & bits;
+  }
+
+  // bias + sum_k w[k] x[k] over the taps on in `on`; x[kHalo] is the token itself. Explicit
+  // fmas, so that every kernel (and the backward's recomputation) rounds alike.
+  __device__ __forceinline__ acc_t conv(const acc_t (&x)[kMaxWidth], unsigned on) const {
+    acc_t z = bias;
+#pragma unroll
+    for (int k = 0; k < kMaxWidth; ++k) z = (on >> k & 1u) ? fma(w[k], x[k], z) : z;
+    return z;
+  }
+};
+
+// The masks of kN tokens side by side, kMaxWidth bits each: token e's at bits [4 e, 4 e + 4).
+template <int kN> __device__ __forceinline__ unsigned repeat_bits(unsigned bits) {
+  static_assert(kN * kMaxWidth <= 32, "the masks of a vector must fit in 32 bits");
+  unsigned all = 0;
+#pragma unroll
+  for (int e = 0; e < kN; ++e) all |= bits << (kMaxWidth * e);
+  return all;
+}
+
+__device__ __forceinline__ unsigned bits_of(unsigned masks, int e) {
+  return masks >> (kMaxWidth * e) & ((1u << kMaxWidth) - 1);
+}
+
+// x'[b, d, t + width - 1] in x's token numbering: x at t >= 0, initial_states (or 0) at
+// t in [-(width - 1), 0), 0 elsewhere (before the width, or past the end).
+template <typename input_t>
+__device__ __forceinline__ acc_type<input_t> x_at(const CausalConv1dFwdParams& params, int64_t b,
+                                                   int64_t d, int64_t t) {
+  using acc_t = acc_type<input_t>;
+  if (t >= 0 && t < params.seqlen) {
+    return to_acc(static_cast<const input_t*>(params.x)[b * params.x_batch_stride +
+                                                         d * params.x_dim_stride +
+                                                         t * params.x_seqlen_stride]);
+  }
+  const int64_t p = t + params.width - 1;  // position in initial_states
+  if (t < 0 && p >= 0 && params.initial_states != nullptr) {
+    return to_acc(static_cast<const input_t*>(params.initial_states)[
+        b * params.initial_states_batch_stride + d * params.initial_states_dim_stride +
+        p * params.initial_states_width_stride]);
+  }
+  return acc_t(0);
+}
+
+// seq'[b, t + width - 1]: the sequence of token t, tokens before 0 in the first token's and
+// past the end in the last's; 0 without seq_idx.
+__device__ __forceinline__ int seq_at(const CausalConv1dFwdParams& params, int64_t b, int64_t t) {
+  if (params.seq_idx == nullptr) return 0;
+  t = t < 0 ? 0 : (t >= params.seqlen ? params.seqlen - 1 : t);
+  return params.seq_idx[b * params.seq_idx_batch_stride + t * params.seq_idx_seqlen_stride];
+}
+
+// Which taps are on around the kN tokens [t, t + kN) of batch row b: seq_idx's masks, or the
+// width's alone without seq_idx. Bits as repeat_bits lays them out.
+struct TokenMasks {
+  unsigned reads;    // token t + e: its taps that are on (its conv, its share of dweight); none
+                     // for padding, so that its z stays finite
+  unsigned read_by;  // position t + e: bit k when tap k of token t + e + kHalo - k is on (dx')
+  unsigned padding;  // bit e: token t + e is padding (seq_idx -1)
+};
+
+template <int kN, typename acc_t>
+__device__ __forceinline__ TokenMasks token_masks(const CausalConv1dFwdParams& params,
+                                                  const Taps<acc_t>& taps, int64_t b,
+                                                  int64_t t) {
+  if (params.seq_idx == nullptr) {
+    const unsigned all = repeat_bits<kN>(taps.width_bits);
+    return {all, all, 0u};
+  }
+  int seq[kHalo + kN + kHalo];  // seq[i]: token t - kHalo + i
+#pragma unroll
+  for (int i = 0; i < kHalo + kN + kHalo; ++i) seq[i] = seq_at(params, b, t - kHalo + i);
+  TokenMasks masks{0u, 0u, 0u};
+#pragma unroll
+  for (int e = 0; e < kN; ++e) {
+    const int own = seq[e + kHalo];
+    const int taps_of_token[kMaxWidth] = {seq[e], seq[e + 1], seq[e + 2], seq[e + 3]};
+    const int tokens_of_position[kMaxWidth] = {seq[e + 6], seq[e + 5], seq[e + 4], seq[e + 3]};
+    masks.reads |= (own < 0 ? 0u : taps.in_sequence(taps_of_token, own)) << (kMaxWidth * e);
+    masks.read_by |= taps.in_sequence(tokens_of_position, own) << (kMaxWidth * e);
+    masks.padding |= unsigned(own < 0) << e;
+  }
+  return masks;
+}
+
+// Whether final_states[b, :, k] (token seqlen - (width - 1) + k) is kept: it belongs to the
+// sequence of the last token, and the last token is not padding.
+__device__ __forceinline__ bool final_state_kept(const CausalConv1dFwdParams& params, int64_t b,
+                                                 int64_t k) {
+  const int last = seq_at(params, b, params.seqlen - 1);
+  return last >= 0 && seq_at(params, b, params.seqlen - (params.width - 1) + k) == last;
+}
+
+template <typename input_t>
+__device__ void write_final_states(const CausalConv1dFwdParams& params, int64_t b, int64_t d) {
+  input_t* final_states = static_cast<input_t*>(params.final_states) +
+                          b * params.final_states_batch_stride +
+                          d * params.final_states_dim_stride;
+  for (int64_t k = 0; k + 1 < params.width; ++k) {
+    const int64_t t = params.seqlen - (params.width - 1) + k;
+    final_states[k * params.final_states_width_stride] = from_acc<input_t>(
+        final_state_kept(params, b, k) ? x_at<input_t>(params, b, d, t) : acc_type<input_t>(0));
+  }
+}
+
+// An unsigned type of kBytes, for vector loads and stores.
+template <int kBytes> struct Chunk;
+template <> struct Chunk<16> { using type = uint4; };
+template <> struct Chunk<8> { using type = uint2; };
+template <> struct Chunk<4> { using type = unsigned; };
+
+// The bytes of one load of a vector of N elements: 16, or the whole vector when it is smaller.
+template <typename T, int N> constexpr int chunk_bytes() {
+  return N * int(sizeof(T)) >= 16 ? 16 : N * int(sizeof(T));
+}
+
+// Loads the first n_valid (<= N) of p[0], p[stride], ..., p[(N - 1) stride] as acc_t, zeros after
+// them. kVectorized: p is aligned to chunk_bytes<T, N>() and stride is 1, so a whole vector takes
+// loads of chunk_bytes.
+template <bool kVectorized, int N, typename T, typename acc_t>
+__device__ __forceinline__ void load_as_acc(const T* p, int64_t stride, int n_valid,
+                                            acc_t (&out)[N]) {
+  if constexpr (kVectorized) {
+    constexpr int kChunk = chunk_bytes<T, N>();
+    static_assert(N * int(sizeof(T)) % kChunk == 0, "a vector must be whole chunks");
+    using chunk_t = typename Chunk<kChunk>::type;
+    if (n_valid == N) {
+      alignas(kChunk) T raw[N];
+#pragma unroll
+      for (int i = 0; i < N * int(sizeof(T)) / kChunk; ++i)
+        reinterpret_cast<chunk_t*>(raw)[i] = reinterpret_cast<const chunk_t*>(p)[i];
+#pragma unroll
+      for (int i = 0; i < N; ++i) out[i] = to_acc(raw[i]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = i < n_valid ? to_acc(p[i * stride]) : acc_t(0);
+}
+
+// Stores the first n_valid (<= N) values at p[0], p[stride], ...; kVectorized as load_as_acc.
+template <bool kVectorized, int N, typename T, typename acc_t>
+__device__ __forceinline__ void store_from_acc(T* p, int64_t stride, int n_valid,
+                                               const acc_t (&in)[N]) {
+  if constexpr (kVectorized) {
+    constexpr int kChunk = chunk_bytes<T, N>();
+    static_assert(N * int(sizeof(T)) % kChunk == 0, "a vector must be whole chunks");
+    using chunk_t = typename Chunk<kChunk>::type;
+    if (n_valid == N) {
+      alignas(kChunk) T raw[N];
+#pragma unroll
+      for (int i = 0; i < N; ++i) raw[i] = from_acc<T>(in[i]);
+#pragma unroll
+      for (int i = 0; i < N * int(sizeof(T)) / kChunk; ++i)
+        reinterpret_cast<chunk_t*>(p)[i] = reinterpret_cast<const chunk_t*>(raw)[i];
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    if (i < n_valid) p[i * stride] = from_acc<T>(in[i]);
+}
+
+// Whether a tensor's vectors of N elements, starting at multiples of N along its unit-stride
+// dimension, are aligned to their chunks: the base is, and so is every step along the other two.
+template <typename T, int N>
+inline bool vectors_aligned(const void* base, int64_t unit_stride, int64_t stride_a,
+                            int64_t stride_b) {
+  constexpr int64_t kChunk = chunk_bytes<T, N>();
+  return unit_stride == 1 && reinterpret_cast<uintptr_t>(base) % kChunk == 0 &&
+         stride_a * int64_t(sizeof(T)) % kChunk == 0 &&
+         stride_b * int64_t(sizeof(T)) % kChunk == 0;
+}
+
+// Whether a (batch, dim, seqlen) tensor's rows are vectors of N aligned to their chunks, along
+// its unit-stride dimension: dim for the channel-last kernels, seqlen for the contiguous ones.
+template <typename T, int N>
+inline bool rows_vectorizable(bool channels_inner, const void* data, int64_t batch_stride,
+                              int64_t dim_stride, int64_t seqlen_stride) {
+  return channels_inner ? vectors_aligned<T, N>(data, dim_stride, batch_stride, seqlen_stride)
+                        : vectors_aligned<T, N>(data, seqlen_stride, batch_stride, dim_stride);
+}
+
+MAMBA_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Launches a flat grid (rows of (batch, dim) outnumber gridDim.y's 65535) and returns the launch
+// error, if any.
+template <typename... KernelArgs, typename... Args>
+inline cudaError_t launch_blocks(int64_t blocks, int threads, cudaStream_t stream,
+                                 void (*kernel)(KernelArgs...), const Args&... args) {
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+// How many of the n elements left fit in a vector of `cap`: n clamped to [0, cap].
+__device__ __forceinline__ int count_in(int64_t n, int cap) {
+  return n <= 0 ? 0 : (n >= cap ? cap : static_cast<int>(n));
+}
+
+// Contiguous x (threads along tokens). A block owns a tile of tokens of one (batch, channel) row;
+// each thread holds kNVecs vectors of kNElts tokens, a warp's vectors back to back:
+// vector u of lane l of warp w starts at token
+//   tile * kTileTokens + w * kWarpTokens + (u * 32 + l) * kNElts.
+template <typename input_t_> struct ContiguousTraits {
+  using input_t = input_t_;
+  using acc_t = acc_type<input_t>;
+  static constexpr int kNThreads = 128;
+  static constexpr int kNWarps = kNThreads / 32;
+  // Tokens of a vector: 16 bytes (8 halves, 4 floats), and more than kHalo, so that a vector's
+  // left halo lies in one neighbour: 4 doubles, in two 16-byte loads.
+  static constexpr int kNElts =
+      16 / int(sizeof(input_t)) > kHalo ? 16 / int(sizeof(input_t)) : kHalo + 1;
+  // The backward sums dweight per tile (causal_conv1d.h).
+  static constexpr int kTileTokens = int(kCausalConv1dCudaBwdTileTokens);
+  static constexpr int kNVecs = kTileTokens / (kNThreads * kNElts);  // vectors of a thread
+  static constexpr int kWarpTokens = kNVecs * 32 * kNElts;
+  static constexpr int kWindow = kHalo + kNElts;  // a vector with its left halo
+  static_assert(kNElts > kHalo, "a vector's left halo must lie in one neighbour");
+  static_assert(kNVecs >= 1 && kNVecs * kNThreads * kNElts == kTileTokens,
+                "a tile must be whole vectors of every thread");
+};
+
+// Channel-last x (threads along channels). A thread owns kNElts channels of one batch row and
+// slides a window of kMaxWidth tokens over a run of tokens, loading kStepTokens at a time, so
+// that a run of T tokens costs T + kHalo loads.
+template <typename input_t_> struct ChannelsInnerTraits {
+  using input_t = input_t_;
+  using acc_t = acc_type<input_t>;
+  static constexpr int kNThreads = 128;
+  static constexpr int kNWarps = kNThreads / 32;
+  // Channels of a thread: 4 (16 bytes of floats, 8 of halves: whole 32-byte sectors across a
+  // warp), 2 doubles. More would cost registers (taps and window grow with them) that are worth
+  // more as tokens in flight.
+  static constexpr int kNElts = 16 / int(sizeof(input_t)) < 4 ? 16 / int(sizeof(input_t)) : 4;
+  // Forward: a block of threads side by side along channels, each over a run of tokens.
+  static constexpr int kStepTokens = 8;  // tokens loaded together, in flight at once
+  static constexpr int kRunTokens = 32;
+  static constexpr int kBlockChannels = kNThreads * kNElts;
+  // Backward: the window holds dz too, so fewer tokens a step; a warp along channels, the
+  // block's warps along tokens, so that the block's sums of dweight cover a whole tile.
+  static constexpr int kBwdStepTokens = 4;
+  static constexpr int kBwdTileTokens = int(kCausalConv1dCudaBwdTileTokensChannelsInner);
+  static constexpr int kBwdRunTokens = kBwdTileTokens / kNWarps;
+  static constexpr int kBwdBlockChannels = 32 * kNElts;
+  static_assert(16 % sizeof(input_t) == 0, "16 bytes must be whole elements");
+  static_assert(kRunTokens % kStepTokens == 0, "a run must be whole steps");
+  static_assert(kBwdRunTokens * kNWarps == kBwdTileTokens, "a tile must be whole runs");
+};
+
+// Calls f(u, t, n_valid) for each of a thread's kNVecs vectors of N tokens of one row: vector u
+// at token t = t0 + u * 32 * N, of which n_valid lie before seqlen. When all of the thread's
+// tokens lie in the row, n_valid is the constant N: the vectors' loads or stores then go with no
+// branch between them, all in flight at once.
+template <int kNVecs, int N, typename F>
+__device__ __forceinline__ void for_each_vector(int64_t t0, int64_t seqlen, F f) {
+  if (t0 + ((kNVecs - 1) * 32 + 1) * N <= seqlen) {
+#pragma unroll
+    for (int u = 0; u < kNVecs; ++u) f(u, t0 + u * 32 * N, N);
+    return;
+  }
+#pragma unroll
+  for (int u = 0; u < kNVecs; ++u) {
+    const int64_t t = t0 + u * 32 * N;
+    f(u, t, count_in(seqlen - t, N));
+  }
+}
+
+// A thread's vectors of one row (token t at row[t * stride]) as acc_t, zeros past seqlen.
+template <bool kVectorized, int kNVecs, int N, typename T, typename acc_t>
+__device__ __forceinline__ void load_vectors(const T* row, int64_t stride, int64_t t0,
+                                             int64_t seqlen, acc_t (&v)[kNVecs][N]) {
+  for_each_vector<kNVecs, N>(t0, seqlen, [&](int u, int64_t t, int n_valid) {
+    load_as_acc<kVectorized>(row + t * stride, stride, n_valid, v[u]);
+  });
+}
+
+template <bool kVectorized, int kNVecs, int N, typename T, typename acc_t>
+__device__ __forceinline__ void store_vectors(T* row, int64_t stride, int64_t t0, int64_t seqlen,
+                                              const acc_t (&v)[kNVecs][N]) {
+  for_each_vector<kNVecs, N>(t0, seqlen, [&](int u, int64_t t, int n_valid) {
+    store_from_acc<kVectorized>(row + t * stride, stride, n_valid, v[u]);
+  });
+}
+
+// The place of a thread of a contiguous kernel: its (batch, channel) row, its block's tile and
+// the first token of its warp and of its own first vector (ContiguousTraits). 32-bit division:
+// the grid has fewer than 2^31 blocks, so the row and tile counts fit.
+template <typename Traits> struct ContiguousThread {
+  int64_t b, d, tile, ntiles, warp_t0, t0;
+  int warp, lane;
+
+  __device__ __forceinline__ explicit ContiguousThread(const CausalConv1dFwdParams& params) {
+    ntiles = ceil_div(params.seqlen, Traits::kTileTokens);
+    const unsigned row = blockIdx.x / unsigned(ntiles);  // b * dim + d
+    tile = blockIdx.x % unsigned(ntiles);
+    b = row / unsigned(params.dim), d = row % unsigned(params.dim);
+    warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    warp_t0 = tile * Traits::kTileTokens + warp * Traits::kWarpTokens;
+    t0 = warp_t0 + lane * Traits::kNElts;
+  }
+
+  // The first token of vector u.
+  __device__ __forceinline__ int64_t vector_t0(int u) const {
+    return t0 + u * 32 * Traits::kNElts;
+  }
+};
+
+// The windows of a thread's vectors: xs[u][i] = x' at token vector_t0(u) - kHalo + i, x_at's
+// rules at the edges.
+template <typename Traits, bool kVectorized>
+__device__ __forceinline__ void load_x_windows(
+    const CausalConv1dFwdParams& params, const ContiguousThread<Traits>& thread,
+    typename Traits::acc_t (&xs)[Traits::kNVecs][Traits::kWindow]) {
+  using input_t = typename Traits::input_t;
+  using acc_t = typename Traits::acc_t;
+  constexpr int kNElts = Traits::kNElts, kNVecs = Traits::kNVecs;
+  // Lane 0's halo, the tokens before the warp's, from global memory (an L1/L2 hit: the warp
+  // before loads them), issued first so that it is in flight with the vectors.
+  acc_t warp_halo[kHalo] = {};
+  if (thread.lane == 0) {
+#pragma unroll
+    for (int i = 0; i < kHalo; ++i)
+      warp_halo[i] = x_at<input_t>(params, thread.b, thread.d, thread.warp_t0 - kHalo + i);
+  }
+  acc_t v[kNVecs][kNElts];
+  load_vectors<kVectorized>(static_cast<const input_t*>(params.x) +
+                                thread.b * params.x_batch_stride + thread.d * params.x_dim_stride,
+                            params.x_seqlen_stride, thread.t0, params.seqlen, v);
+#pragma unroll
+  for (int u = 0; u < kNVecs; ++u) {
+#pragma unroll
+    for (int e = 0; e < kNElts; ++e) xs[u][kHalo + e] = v[u][e];
+  }
+  // The other halos are the tail of the vector before: the left lane's, for lane 0 its own
+  // previous vector.
+#pragma unroll
+  for (int u = 0; u < kNVecs; ++u) {
+#pragma unroll
+    for (int i = 0; i < kHalo; ++i) {
+      const acc_t from_left = __shfl_up_sync(kFullMask, xs[u][kNElts + i], 1);
+      const acc_t from_previous =
+          u > 0 ? __shfl_sync(kFullMask, xs[u > 0 ? u - 1 : 0][kNElts + i], 31) : warp_halo[i];
+      xs[u][i] = thread.lane > 0 ? from_left : from_previous;
+    }
+  }
+}
+
+// x' at token t for kN channels [c0, c0 + n_channels) of batch row b: vectorized where t is a
+// token of x, x_at's rules elsewhere.
+template <bool kVectorized, int kN, typename input_t, typename acc_t>
+__device__ __forceinline__ void load_x_token(const CausalConv1dFwdParams& params, int64_t b,
+                                             int64_t c0, int n_channels, int64_t t,
+                                             acc_t (&v)[kN]) {
+  if (t >= 0 && t < params.seqlen) {
+    load_as_acc<kVectorized>(static_cast<const input_t*>(params.x) + b * params.x_batch_stride +
+                                 t * params.x_seqlen_stride + c0 * params.x_dim_stride,
+                             params.x_dim_stride, n_channels, v);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kN; ++i)
+    v[i] = i < n_channels ? x_at<input_t>(params, b, c0 + i, t) : acc_t(0);
+}
+
+}  // namespace causal_conv1d_cuda
+}  // namespace mamba_ext

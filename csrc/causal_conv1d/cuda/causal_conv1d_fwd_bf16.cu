@@ -1,0 +1,8 @@
+// The causal conv1d forward for bf16 activations; a file per dtype, so that they compile in
+// parallel.
+#include "causal_conv1d/cuda/causal_conv1d_fwd_kernel.cuh"
+
+namespace mamba_ext {
+template cudaError_t causal_conv1d_fwd_cuda<__nv_bfloat16>(const CausalConv1dFwdParams&,
+                                                           cudaStream_t);
+}  // namespace mamba_ext

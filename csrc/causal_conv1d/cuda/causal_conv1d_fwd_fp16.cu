@@ -1,0 +1,7 @@
+// The causal conv1d forward for fp16 activations; a file per dtype, so that they compile in
+// parallel.
+#include "causal_conv1d/cuda/causal_conv1d_fwd_kernel.cuh"
+
+namespace mamba_ext {
+template cudaError_t causal_conv1d_fwd_cuda<__half>(const CausalConv1dFwdParams&, cudaStream_t);
+}  // namespace mamba_ext

@@ -1,0 +1,97 @@
+// CUDA decode update of the causal depthwise conv1d (causal_conv1d.h describes the linear and the
+// circular state). Latency-bound (a batch of one is dim threads): one launch, one thread per
+// (batch entry, channel), a warp's channels of one batch entry reading and writing their state
+// rows side by side.
+#pragma once
+
+#include "causal_conv1d/cuda/causal_conv1d_common.cuh"
+
+namespace mamba_ext {
+namespace causal_conv1d_cuda {
+
+constexpr int kUpdateThreads = 128;
+
+// a mod n in [0, n) for any sign of a, as torch.remainder.
+__device__ __forceinline__ int64_t floor_mod(int64_t a, int64_t n) { return ((a % n) + n) % n; }
+
+template <typename input_t>
+__global__ void __launch_bounds__(kUpdateThreads)
+    causal_conv1d_update_kernel(const CausalConv1dUpdateParams params) {
+  using acc_t = acc_type<input_t>;
+  const int64_t idx = int64_t(blockIdx.x) * kUpdateThreads + threadIdx.x;
+  if (idx >= params.batch * params.dim) return;
+  const int64_t b = idx / params.dim, d = idx % params.dim;
+  const input_t* x = static_cast<const input_t*>(params.x) + b * params.x_batch_stride +
+                     d * params.x_dim_stride;
+  input_t* out = static_cast<input_t*>(params.out) + b * params.out_batch_stride +
+                 d * params.out_dim_stride;
+  const int64_t state_row =
+      params.conv_state_indices == nullptr ? b : params.conv_state_indices[b];
+  if (state_row < 0 || state_row >= params.state_batch) {
+    // No state to read or write (a padding slot, or an index the host could not check).
+    for (int64_t j = 0; j < params.seqlen; ++j)
+      out[j * params.out_seqlen_stride] = from_acc<input_t>(acc_t(0));
+    return;
+  }
+  input_t* state = static_cast<input_t*>(params.conv_state) +
+                   state_row * params.conv_state_batch_stride + d * params.conv_state_dim_stride;
+  const int64_t state_stride = params.conv_state_len_stride, state_len = params.state_len;
+  Taps<acc_t> taps;
+  taps.load(params, d);
+  acc_t window[kMaxWidth];  // x' at the taps of the token; the token itself last
+  const auto out_of_window = [&] {
+    const acc_t z = taps.conv(window, taps.width_bits);
+    return from_acc<input_t>(params.silu ? activate<true>(z) : z);
+  };
+
+  if (params.cache_seqlens != nullptr) {
+    // Token j goes to slot start + j and reads the kHalo slots before it, which hold older
+    // state or the tokens just written (state_len >= width - 1: no slot a tap of the width reads
+    // is overwritten before it is read).
+    const int64_t start = params.cache_seqlens[b];
+    for (int64_t j = 0; j < params.seqlen; ++j) {
+#pragma unroll
+      for (int k = 0; k < kHalo; ++k) {
+        window[k] = k >= taps.first ? to_acc(state[floor_mod(start + j - kHalo + k, state_len) *
+                                                   state_stride])
+                                    : acc_t(0);
+      }
+      const input_t token = x[j * params.x_seqlen_stride];
+      window[kHalo] = to_acc(token);
+      state[floor_mod(start + j, state_len) * state_stride] = token;
+      out[j * params.out_seqlen_stride] = out_of_window();
+    }
+    return;
+  }
+  // Linear state: the window starts on the state's last kHalo entries (those of the width) and
+  // slides over x; then the state drops its seqlen oldest entries and appends x.
+#pragma unroll
+  for (int k = 0; k < kHalo; ++k) {
+    window[k] = k >= taps.first ? to_acc(state[(state_len - kHalo + k) * state_stride])
+                                : acc_t(0);
+  }
+  for (int64_t j = 0; j < params.seqlen; ++j) {
+    window[kHalo] = to_acc(x[j * params.x_seqlen_stride]);
+    out[j * params.out_seqlen_stride] = out_of_window();
+#pragma unroll
+    for (int k = 0; k < kHalo; ++k) window[k] = window[k + 1];
+  }
+  const int64_t kept = state_len > params.seqlen ? state_len - params.seqlen : 0;
+  for (int64_t s = 0; s < kept; ++s)
+    state[s * state_stride] = state[(s + params.seqlen) * state_stride];
+  for (int64_t s = kept; s < state_len; ++s)
+    state[s * state_stride] = x[(s - state_len + params.seqlen) * params.x_seqlen_stride];
+}
+
+}  // namespace causal_conv1d_cuda
+
+template <typename input_t>
+cudaError_t causal_conv1d_update_cuda(const CausalConv1dUpdateParams& params,
+                                      cudaStream_t stream) {
+  using namespace causal_conv1d_cuda;
+  if (params.batch == 0 || params.dim == 0) return cudaSuccess;
+  return launch_blocks(ceil_div(params.batch * params.dim, kUpdateThreads), kUpdateThreads,
+                       stream, causal_conv1d_update_kernel<input_t>, params);
+}
+
+}  // namespace mamba_ext

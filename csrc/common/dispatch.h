@@ -39,17 +39,3 @@ template <typename T> using cuda_type = typename CudaTypeOf<T>::type;
     }                                       \
   }()
 
-#ifdef MAMBA_EXT_WITH_CUDA
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-namespace mamba_ext {
-// The CUDA type of a dispatched input_t: kernels see CUDA's own 16-bit types, never c10's.
-template <typename T> struct CudaType { using type = T; };
-template <> struct CudaType<c10::Half> { using type = __half; };
-template <> struct CudaType<c10::BFloat16> { using type = __nv_bfloat16; };
-template <typename T> using cuda_type = typename CudaType<T>::type;
-}  // namespace mamba_ext
-#endif

@@ -229,7 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_op(
   at::Tensor dweight_partials;  // (partial_rows, dim, 4 taps + bias): the CUDA kernels' scratch
   if (x.is_cuda()) {
     dweight_partials = at::empty(
-        {causal_conv1d_cuda_partial_rows(params), dim, kCausalConv1dCudaPartialSums}, acc_options);
+        {causal_conv1d_cuda_partial_rows(params, x.element_size()), dim,
+         kCausalConv1dCudaPartialSums}, acc_options);
     params.dweight_partials = dweight_partials.data_ptr();
   }
 #endif

@@ -99,18 +99,22 @@ inline bool causal_conv1d_cuda_channels_inner(const CausalConv1dFwdParams& param
   return dim_stride < seqlen_stride;
 }
 
-// Tokens of one batch row over which a backward block sums dweight and dbias, by kernel, and
-// the sums of a channel: the 4 taps of the weights padded to 4 (leading zeros), then the bias.
-constexpr int64_t kCausalConv1dCudaBwdTileTokens = 2048;
+// The backward's blocks sum dweight and dbias over tiles of tokens of one batch row: of
+// kCausalConv1dCudaBwdTileBytes of x for the contiguous kernel (4096 bytes: 2048 bf16 tokens),
+// of kCausalConv1dCudaBwdTileTokensChannelsInner tokens for the channel-last one. A tile's sums
+// of a channel: the 4 taps of the weights padded to 4 (leading zeros), then the bias.
+constexpr int64_t kCausalConv1dCudaBwdTileBytes = 4096;
 constexpr int64_t kCausalConv1dCudaBwdTileTokensChannelsInner = 512;
 constexpr int64_t kCausalConv1dCudaPartialSums = 5;
 
-// Rows of dweight_partials: one per (batch row, tile of tokens). A second kernel adds them in a
-// fixed order, so dweight and dbias are the same from run to run (no float atomics).
-inline int64_t causal_conv1d_cuda_partial_rows(const CausalConv1dFwdParams& params) {
+// Rows of dweight_partials for x of element_size bytes: one per (batch row, tile). A second
+// kernel adds them in a fixed order, so dweight and dbias are the same from run to run (no
+// float atomics).
+inline int64_t causal_conv1d_cuda_partial_rows(const CausalConv1dFwdParams& params,
+                                               int64_t element_size) {
   const int64_t tile = causal_conv1d_cuda_channels_inner(params)
                            ? kCausalConv1dCudaBwdTileTokensChannelsInner
-                           : kCausalConv1dCudaBwdTileTokens;
+                           : kCausalConv1dCudaBwdTileBytes / element_size;
   return params.batch * ((params.seqlen + tile - 1) / tile);
 }
 

@@ -34,6 +34,11 @@ __device__ __forceinline__ acc_type<input_t> dfinal_at(const CausalConv1dBwdPara
       k * params.dfinal_states_width_stride]);
 }
 
+// Whether dfinal_states reaches a position before `end`: only the last width - 1 positions.
+__device__ __forceinline__ bool dfinal_before(const CausalConv1dBwdParams& params, int64_t end) {
+  return params.dfinal_states != nullptr && end > params.seqlen - (params.width - 1);
+}
+
 template <typename input_t>
 __device__ __forceinline__ void store_dinitial_state(const CausalConv1dBwdParams& params,
                                                      int64_t b, int64_t d, int64_t s,
@@ -43,25 +48,17 @@ __device__ __forceinline__ void store_dinitial_state(const CausalConv1dBwdParams
       (s + params.width - 1) * params.dinitial_states_width_stride] = from_acc<input_t>(v);
 }
 
-// dz of the kN tokens [t, t + kN) of one row: dy (dout) times act'(z), with x' of the window
-// xs[i] = token t - kHalo + i; 0 on padding and past the end.
-template <bool kSilu, int kN, typename acc_t>
-__device__ __forceinline__ void dz_of_tokens(const CausalConv1dFwdParams& params,
-                                             const Taps<acc_t>& taps, const TokenMasks& masks,
-                                             int64_t t, const acc_t (&xs)[kHalo + kN],
-                                             const acc_t (&dy)[kN], acc_t (&dz)[kN]) {
-#pragma unroll
-  for (int e = 0; e < kN; ++e) {
-    const acc_t x[kMaxWidth] = {xs[e], xs[e + 1], xs[e + 2], xs[e + 3]};
-    const bool live = t + e < params.seqlen && !(masks.padding >> e & 1u);
-    const acc_t z = taps.conv(x, bits_of(masks.reads, e));
-    dz[e] = zero_unless(live, dy[e] * activation_grad<kSilu>(z));
-  }
+// dz of one token: dy (dout) times act'(z), z from the token's window x and the taps on; 0 on
+// padding. Past seqlen dout loads as 0, so dz is 0 there with no check.
+template <bool kSilu, typename acc_t>
+__device__ __forceinline__ acc_t dz_of_token(const Taps<acc_t>& taps, const acc_t (&x)[kMaxWidth],
+                                             unsigned on, bool padding, acc_t dy) {
+  return zero_unless(!padding, dy * activation_grad<kSilu>(taps.conv(x, on)));
 }
 
-template <typename input_t, bool kVectorized, bool kSilu>
+template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
 __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& params) {
-  using Traits = ContiguousTraits<input_t>;
+  using Traits = ContiguousBwdTraits<input_t>;
   using acc_t = typename Traits::acc_t;
   constexpr int kNElts = Traits::kNElts, kNVecs = Traits::kNVecs;
   const ContiguousThread<Traits> thread(params);
@@ -77,36 +74,70 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
   const int64_t warp_end = thread.warp_t0 + Traits::kWarpTokens;
   acc_t x_after[kHalo] = {}, dy_after[kHalo] = {};
   if (lane == 31) {
+    const input_t* x = static_cast<const input_t*>(params.x) + b * params.x_batch_stride +
+                       d * params.x_dim_stride;
+    if (warp_end + kHalo <= params.seqlen) {  // inside the row
 #pragma unroll
-    for (int i = 0; i < kHalo; ++i) {
-      x_after[i] = x_at<input_t>(params, b, d, warp_end + i);
-      if (warp_end + i < params.seqlen)
+      for (int i = 0; i < kHalo; ++i) {
+        x_after[i] = to_acc(x[(warp_end + i) * params.x_seqlen_stride]);
         dy_after[i] = to_acc(dout[(warp_end + i) * params.dout_seqlen_stride]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kHalo; ++i) {
+        if (warp_end + i >= params.seqlen) break;
+        x_after[i] = to_acc(x[(warp_end + i) * params.x_seqlen_stride]);
+        dy_after[i] = to_acc(dout[(warp_end + i) * params.dout_seqlen_stride]);
+      }
     }
   }
-  acc_t dy[kNVecs][kNElts];  // (vector, tokens)
+  input_t dy[kNVecs][kNElts];  // (vector, tokens), as loaded
   load_vectors<kVectorized>(dout, params.dout_seqlen_stride, thread.t0, params.seqlen, dy);
-  acc_t xs[kNVecs][Traits::kWindow];  // (vector, kHalo + kNElts tokens)
-  load_x_windows<Traits, kVectorized>(params, thread, xs);
+  XWindows<Traits> xs;
+  xs.template load<kVectorized>(params, thread);
 
-  // dz[u]: the tokens of vector u, then the kHalo tokens after it.
-  acc_t dz[kNVecs][kNElts + kHalo];
+  // Which taps are on, by token (reads) and by position (read_by): the width's alone without
+  // seq_idx, the same for every token.
   TokenMasks masks[kNVecs];
 #pragma unroll
   for (int u = 0; u < kNVecs; ++u) {
-    masks[u] = token_masks<kNElts>(params, taps, b, thread.vector_t0(u));
-    acc_t own[kNElts];
-    dz_of_tokens<kSilu>(params, taps, masks[u], thread.vector_t0(u), xs[u], dy[u], own);
+    masks[u] = kMasked ? token_masks<kNElts>(params, taps, b, thread.vector_t0(u))
+                       : TokenMasks{repeat_bits<kNElts>(taps.width_bits),
+                                    repeat_bits<kNElts>(taps.width_bits), 0u};
+  }
+  const auto reads = [&](int u, int e) {
+    return kMasked ? bits_of(masks[u].reads, e) : taps.width_bits;
+  };
+  const auto read_by = [&](int u, int e) {
+    return kMasked ? bits_of(masks[u].read_by, e) : taps.width_bits;
+  };
+  const auto padding = [&](int u, int e) { return kMasked && (masks[u].padding >> e & 1u); };
+
+  // dz[u]: the tokens of vector u, then the kHalo tokens after it.
+  acc_t dz[kNVecs][kNElts + kHalo];
 #pragma unroll
-    for (int e = 0; e < kNElts; ++e) dz[u][e] = own[e];
+  for (int u = 0; u < kNVecs; ++u) {
+#pragma unroll
+    for (int e = 0; e < kNElts; ++e) {
+      acc_t x[kMaxWidth];
+      xs.taps_of(u, e, x);
+      dz[u][e] = dz_of_token<kSilu>(taps, x, reads(u, e), padding(u, e), to_acc(dy[u][e]));
+    }
   }
   acc_t dz_after[kHalo] = {};
   if (lane == 31) {
-    const acc_t(&tail)[Traits::kWindow] = xs[kNVecs - 1];
-    const acc_t window[kHalo + kHalo] = {tail[kNElts], tail[kNElts + 1], tail[kNElts + 2],
-                                         x_after[0], x_after[1], x_after[2]};
-    dz_of_tokens<kSilu>(params, taps, token_masks<kHalo>(params, taps, b, warp_end), warp_end,
-                        window, dy_after, dz_after);
+    const TokenMasks after =
+        kMasked ? token_masks<kHalo>(params, taps, b, warp_end)
+                : TokenMasks{repeat_bits<kHalo>(taps.width_bits), 0u, 0u};
+#pragma unroll
+    for (int i = 0; i < kHalo; ++i) {
+      acc_t x[kMaxWidth];
+#pragma unroll
+      for (int k = 0; k < kMaxWidth; ++k)
+        x[k] = i + k < kHalo ? xs.at(kNVecs - 1, kNElts + i + k) : x_after[i + k - kHalo];
+      dz_after[i] = dz_of_token<kSilu>(taps, x, bits_of(after.reads, i),
+                                       after.padding >> i & 1u, dy_after[i]);
+    }
   }
   // The right halo: the head of the next vector, the right lane's or, for lane 31, its own next.
 #pragma unroll
@@ -128,15 +159,22 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
 #pragma unroll
     for (int e = 0; e < kNElts; ++e) {
       // Position t + e is read by tap k of token t + e + kHalo - k.
-      acc_t g = dfinal_at<input_t>(params, b, d, thread.vector_t0(u) + e);
-      const unsigned read_by = bits_of(masks[u].read_by, e), reads = bits_of(masks[u].reads, e);
+      acc_t g = 0;
 #pragma unroll
       for (int k = 0; k < kMaxWidth; ++k) {
-        g = (read_by >> k & 1u) ? fma(taps.w[k], dz[u][e + kHalo - k], g) : g;
-        sums[k] = (reads >> k & 1u) ? fma(dz[u][e], xs[u][e + k], sums[k]) : sums[k];
+        g = (read_by(u, e) >> k & 1u) ? fma(taps.w[k], dz[u][e + kHalo - k], g) : g;
+        sums[k] = (reads(u, e) >> k & 1u) ? fma(dz[u][e], xs.at(u, e + k), sums[k]) : sums[k];
       }
       sums[kMaxWidth] += dz[u][e];
       dx[u][e] = g;
+    }
+  }
+  if (dfinal_before(params, thread.vector_t0(kNVecs - 1) + kNElts)) {
+#pragma unroll
+    for (int u = 0; u < kNVecs; ++u) {
+#pragma unroll
+      for (int e = 0; e < kNElts; ++e)
+        dx[u][e] += dfinal_at<input_t>(params, b, d, thread.vector_t0(u) + e);
     }
   }
   store_vectors<kVectorized>(static_cast<input_t*>(params.dx) + b * params.dx_batch_stride +
@@ -144,17 +182,18 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
                              params.dx_seqlen_stride, thread.t0, params.seqlen, dx);
   // dinitial_states: the positions [-(width - 1), 0) before token 0, thread 0 of tile 0.
   if (params.dinitial_states != nullptr && thread.tile == 0 && threadIdx.x == 0) {
-    const unsigned read_by = token_masks<kHalo>(params, taps, b, -kHalo).read_by;
+    const unsigned before = kMasked ? token_masks<kHalo>(params, taps, b, -kHalo).read_by
+                                    : repeat_bits<kHalo>(taps.width_bits);
 #pragma unroll
     for (int s = -kHalo; s < 0; ++s) {
       if (s < -(params.width - 1)) continue;
-      acc_t g = dfinal_at<input_t>(params, b, d, s);
+      acc_t g = 0;
 #pragma unroll
       for (int k = 0; k < kMaxWidth; ++k) {
         const int j = s + kHalo - k;  // the token of tap k, dz[0][j]: token 0 on
-        if (j >= 0 && (bits_of(read_by, s + kHalo) >> k & 1u)) g = fma(taps.w[k], dz[0][j], g);
+        if (j >= 0 && (bits_of(before, s + kHalo) >> k & 1u)) g = fma(taps.w[k], dz[0][j], g);
       }
-      store_dinitial_state<input_t>(params, b, d, s, g);
+      store_dinitial_state<input_t>(params, b, d, s, g + dfinal_at<input_t>(params, b, d, s));
     }
   }
 
@@ -178,14 +217,14 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
 }
 
 template <typename input_t, bool kVectorized>
-__global__ void __launch_bounds__(ContiguousTraits<input_t>::kNThreads)
+__global__ void __launch_bounds__(ContiguousBwdTraits<input_t>::kNThreads)
     causal_conv1d_bwd_contiguous_kernel(const CausalConv1dBwdParams params) {
-  with_activation(params.silu, [&](auto silu) {
-    bwd_contiguous<input_t, kVectorized, decltype(silu)::value>(params);
+  with_flags(params.silu, params.seq_idx != nullptr, [&](auto silu, auto masked) {
+    bwd_contiguous<input_t, kVectorized, decltype(silu)::value, decltype(masked)::value>(params);
   });
 }
 
-template <typename input_t, bool kVectorized, bool kSilu>
+template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
 __device__ __forceinline__ void bwd_channels_inner(const CausalConv1dBwdParams& params) {
   using Traits = ChannelsInnerTraits<input_t>;
   using acc_t = typename Traits::acc_t;
@@ -218,6 +257,8 @@ __device__ __forceinline__ void bwd_channels_inner(const CausalConv1dBwdParams& 
   }
   acc_t dw[kMaxWidth][kNElts] = {};  // (taps, channels)
   acc_t dbias[kNElts] = {};
+  const input_t* x = static_cast<const input_t*>(params.x) + b * params.x_batch_stride +
+                     c0 * params.x_dim_stride;
   const input_t* dout = static_cast<const input_t*>(params.dout) + b * params.dout_batch_stride +
                         c0 * params.dout_dim_stride;
   input_t* dx = static_cast<input_t*>(params.dx) + b * params.dx_batch_stride +
@@ -227,48 +268,54 @@ __device__ __forceinline__ void bwd_channels_inner(const CausalConv1dBwdParams& 
   // t - kHalo + kStep), whose dz are then complete: the sweep runs kHalo tokens past the run.
 #pragma unroll 1
   for (int64_t t = run_t0; t - kHalo < run_end; t += kStep) {
+    // Tokens past seqlen load as 0: their dz is 0.
+    const int n_tokens = count_in(params.seqlen - t, kStep);
     acc_t dy[kStep][kNElts];  // (tokens, channels)
+    for_each_token<kStep, kNElts>(n_tokens, nch, [&](int j, int n) {
+      load_as_acc<kVectorized>(x + (t + j) * params.x_seqlen_stride, params.x_dim_stride, n,
+                               xs[kHalo + j]);
+      load_as_acc<kVectorized>(dout + (t + j) * params.dout_seqlen_stride,
+                               params.dout_dim_stride, n, dy[j]);
+    });
+    TokenMasks token{}, position{};
+    if constexpr (kMasked) {
+      token = token_masks<kStep>(params, taps[0], b, t);
+      position = token_masks<kStep>(params, taps[0], b, t - kHalo);
+    }
 #pragma unroll
     for (int j = 0; j < kStep; ++j) {
-      load_x_token<kVectorized, kNElts, input_t>(params, b, c0, nch, t + j, xs[kHalo + j]);
-      load_as_acc<kVectorized>(dout + (t + j) * params.dout_seqlen_stride,
-                               params.dout_dim_stride, t + j < params.seqlen ? nch : 0, dy[j]);
-    }
-    const TokenMasks token = token_masks<kStep>(params, taps[0], b, t);
-    const TokenMasks position = token_masks<kStep>(params, taps[0], b, t - kHalo);
+      const unsigned reads = kMasked ? bits_of(token.reads, j) : taps[0].width_bits;
+      const bool own = t + j < run_end;  // else the next run's token
 #pragma unroll
-    for (int i = 0; i < kNElts; ++i) {
-      acc_t window[kHalo + kStep], dy_i[kStep], dz_i[kStep];
+      for (int i = 0; i < kNElts; ++i) {
+        const acc_t x_i[kMaxWidth] = {xs[j][i], xs[j + 1][i], xs[j + 2][i], xs[j + 3][i]};
+        const acc_t g =
+            dz_of_token<kSilu>(taps[i], x_i, reads, kMasked && (token.padding >> j & 1u), dy[j][i]);
+        dz[kHalo + j][i] = g;
+        if (own) {
 #pragma unroll
-      for (int j = 0; j < kHalo + kStep; ++j) window[j] = xs[j][i];
-#pragma unroll
-      for (int j = 0; j < kStep; ++j) dy_i[j] = dy[j][i];
-      dz_of_tokens<kSilu>(params, taps[i], token, t, window, dy_i, dz_i);
-#pragma unroll
-      for (int j = 0; j < kStep; ++j) {
-        dz[kHalo + j][i] = dz_i[j];
-        if (t + j >= run_end) continue;  // the next run's token
-        const unsigned reads = bits_of(token.reads, j);
-#pragma unroll
-        for (int k = 0; k < kMaxWidth; ++k)
-          dw[k][i] = (reads >> k & 1u) ? fma(dz_i[j], window[j + k], dw[k][i]) : dw[k][i];
-        dbias[i] += dz_i[j];
+          for (int k = 0; k < kMaxWidth; ++k)
+            dw[k][i] = (reads >> k & 1u) ? fma(g, x_i[k], dw[k][i]) : dw[k][i];
+          dbias[i] += g;
+        }
       }
     }
+    const bool dfinal_here = dfinal_before(params, t - kHalo + kStep);
 #pragma unroll
     for (int j = 0; j < kStep; ++j) {
       const int64_t pos = t - kHalo + j;  // read by tap k of window token j + kHalo - k
       const bool to_dx = pos >= run_t0 && pos < run_end;
       const bool to_dinitial = has_dinitial && pos < 0 && pos >= -(params.width - 1);
       if (!to_dx && !to_dinitial) continue;
-      const unsigned read_by = bits_of(position.read_by, j);
+      const unsigned read_by = kMasked ? bits_of(position.read_by, j) : taps[0].width_bits;
       acc_t g[kNElts];
 #pragma unroll
       for (int i = 0; i < kNElts; ++i) {
-        g[i] = i < nch ? dfinal_at<input_t>(params, b, c0 + i, pos) : acc_t(0);
+        g[i] = 0;
 #pragma unroll
         for (int k = 0; k < kMaxWidth; ++k)
           g[i] = (read_by >> k & 1u) ? fma(taps[i].w[k], dz[j + kHalo - k][i], g[i]) : g[i];
+        if (dfinal_here && i < nch) g[i] += dfinal_at<input_t>(params, b, c0 + i, pos);
       }
       if (to_dx) {
         store_from_acc<kVectorized>(dx + pos * params.dx_seqlen_stride, params.dx_dim_stride,
@@ -311,8 +358,9 @@ __device__ __forceinline__ void bwd_channels_inner(const CausalConv1dBwdParams& 
 template <typename input_t, bool kVectorized>
 __global__ void __launch_bounds__(ChannelsInnerTraits<input_t>::kNThreads)
     causal_conv1d_bwd_channels_inner_kernel(const CausalConv1dBwdParams params) {
-  with_activation(params.silu, [&](auto silu) {
-    bwd_channels_inner<input_t, kVectorized, decltype(silu)::value>(params);
+  with_flags(params.silu, params.seq_idx != nullptr, [&](auto silu, auto masked) {
+    bwd_channels_inner<input_t, kVectorized, decltype(silu)::value, decltype(masked)::value>(
+        params);
   });
 }
 
@@ -364,7 +412,7 @@ cudaError_t causal_conv1d_bwd_cuda(const CausalConv1dBwdParams& params, cudaStre
                               : causal_conv1d_bwd_channels_inner_kernel<input_t, false>,
                           params);
   } else if (params.batch > 0) {
-    using Traits = ContiguousTraits<input_t>;
+    using Traits = ContiguousBwdTraits<input_t>;
     const int64_t blocks =
         params.batch * params.dim * ceil_div(params.seqlen, Traits::kTileTokens);
     error = launch_blocks(blocks, Traits::kNThreads, stream,
@@ -378,7 +426,7 @@ cudaError_t causal_conv1d_bwd_cuda(const CausalConv1dBwdParams& params, cudaStre
   constexpr int kReduceThreads = 256;
   return launch_blocks(ceil_div(params.dim * kNSums, kReduceThreads), kReduceThreads, stream,
                        causal_conv1d_reduce_dweight_kernel<acc_t>, params,
-                       causal_conv1d_cuda_partial_rows(params));
+                       causal_conv1d_cuda_partial_rows(params, sizeof(input_t)));
 }
 
 }  // namespace mamba_ext

@@ -70,13 +70,22 @@ __device__ __forceinline__ double zero_unless(bool keep, double v) {
   return __longlong_as_double(__double_as_longlong(v) & (keep ? ~0ll : 0ll));
 }
 
-// Runs body(std::integral_constant<bool, silu>): the activation as a branch over the whole
-// kernel, uniform, so that the per-token code has none.
-template <typename Body> __device__ __forceinline__ void with_activation(bool silu, Body body) {
+// Runs body(silu, masked) with each an std::integral_constant<bool>: the activation and whether
+// seq_idx masks taps (masked = seq_idx given) as branches over the whole kernel, uniform, so that
+// the per-token code has neither.
+template <typename Body>
+__device__ __forceinline__ void with_flags(bool silu, bool masked, Body body) {
+  const auto with_mask = [&](auto silu_flag) {
+    if (masked) {
+      body(silu_flag, std::true_type{});
+    } else {
+      body(silu_flag, std::false_type{});
+    }
+  };
   if (silu) {
-    body(std::true_type{});
+    with_mask(std::true_type{});
   } else {
-    body(std::false_type{});
+    with_mask(std::false_type{});
   }
 }
 
@@ -222,28 +231,35 @@ template <typename T, int N> constexpr int chunk_bytes() {
   return N * int(sizeof(T)) >= 16 ? 16 : N * int(sizeof(T));
 }
 
-// Loads the first n_valid (<= N) of p[0], p[stride], ..., p[(N - 1) stride] as acc_t, zeros after
-// them. kVectorized: p is aligned to chunk_bytes<T, N>() and stride is 1, so a whole vector takes
-// loads of chunk_bytes.
-template <bool kVectorized, int N, typename T, typename acc_t>
-__device__ __forceinline__ void load_as_acc(const T* p, int64_t stride, int n_valid,
-                                            acc_t (&out)[N]) {
+// Loads the first n_valid (<= N) of p[0], p[stride], ..., p[(N - 1) stride], zeros after them.
+// kVectorized: p is aligned to chunk_bytes<T, N>() and stride is 1, so a whole vector takes loads
+// of chunk_bytes.
+template <bool kVectorized, int N, typename T>
+__device__ __forceinline__ void load_raw(const T* p, int64_t stride, int n_valid, T (&out)[N]) {
   if constexpr (kVectorized) {
     constexpr int kChunk = chunk_bytes<T, N>();
     static_assert(N * int(sizeof(T)) % kChunk == 0, "a vector must be whole chunks");
     using chunk_t = typename Chunk<kChunk>::type;
     if (n_valid == N) {
-      alignas(kChunk) T raw[N];
 #pragma unroll
       for (int i = 0; i < N * int(sizeof(T)) / kChunk; ++i)
-        reinterpret_cast<chunk_t*>(raw)[i] = reinterpret_cast<const chunk_t*>(p)[i];
-#pragma unroll
-      for (int i = 0; i < N; ++i) out[i] = to_acc(raw[i]);
+        reinterpret_cast<chunk_t*>(out)[i] = reinterpret_cast<const chunk_t*>(p)[i];
       return;
     }
   }
 #pragma unroll
-  for (int i = 0; i < N; ++i) out[i] = i < n_valid ? to_acc(p[i * stride]) : acc_t(0);
+  for (int i = 0; i < N; ++i)
+    out[i] = i < n_valid ? p[i * stride] : from_acc<T>(acc_type<T>(0));
+}
+
+// load_raw, converted to acc_t.
+template <bool kVectorized, int N, typename T, typename acc_t>
+__device__ __forceinline__ void load_as_acc(const T* p, int64_t stride, int n_valid,
+                                            acc_t (&out)[N]) {
+  alignas(chunk_bytes<T, N>()) T raw[N];
+  load_raw<kVectorized>(p, stride, n_valid, raw);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_acc(raw[i]);
 }
 
 // Stores the first n_valid (<= N) values at p[0], p[stride], ...; kVectorized as load_as_acc.
@@ -307,10 +323,10 @@ __device__ __forceinline__ int count_in(int64_t n, int cap) {
 }
 
 // Contiguous x (threads along tokens). A block owns a tile of tokens of one (batch, channel) row;
-// each thread holds kNVecs vectors of kNElts tokens, a warp's vectors back to back:
-// vector u of lane l of warp w starts at token
+// each thread holds kNVecs vectors of kNElts tokens, kBytesPerThread bytes of x in all, a warp's
+// vectors back to back: vector u of lane l of warp w starts at token
 //   tile * kTileTokens + w * kWarpTokens + (u * 32 + l) * kNElts.
-template <typename input_t_> struct ContiguousTraits {
+template <typename input_t_, int kBytesPerThread> struct ContiguousTraits {
   using input_t = input_t_;
   using acc_t = acc_type<input_t>;
   static constexpr int kNThreads = 128;
@@ -319,15 +335,21 @@ template <typename input_t_> struct ContiguousTraits {
   // left halo lies in one neighbour: 4 doubles, in two 16-byte loads.
   static constexpr int kNElts =
       16 / int(sizeof(input_t)) > kHalo ? 16 / int(sizeof(input_t)) : kHalo + 1;
-  // The backward sums dweight per tile (causal_conv1d.h).
-  static constexpr int kTileTokens = int(kCausalConv1dCudaBwdTileTokens);
-  static constexpr int kNVecs = kTileTokens / (kNThreads * kNElts);  // vectors of a thread
+  static constexpr int kNVecs = kBytesPerThread / (kNElts * int(sizeof(input_t)));
+  static constexpr int kTileTokens = kNThreads * kNVecs * kNElts;
   static constexpr int kWarpTokens = kNVecs * 32 * kNElts;
-  static constexpr int kWindow = kHalo + kNElts;  // a vector with its left halo
   static_assert(kNElts > kHalo, "a vector's left halo must lie in one neighbour");
-  static_assert(kNVecs >= 1 && kNVecs * kNThreads * kNElts == kTileTokens,
-                "a tile must be whole vectors of every thread");
+  static_assert(kNVecs >= 1 && kNVecs * kNElts * int(sizeof(input_t)) == kBytesPerThread,
+                "a thread's bytes must be whole vectors");
 };
+
+// Bytes of x in flight per thread: 64 for the forward (at 32, bf16 reached 79% of a copy's
+// bandwidth on an H100, fp32 at 64 99%); the backward loads dout too, 32 of each.
+template <typename input_t> using ContiguousFwdTraits = ContiguousTraits<input_t, 64>;
+template <typename input_t> using ContiguousBwdTraits = ContiguousTraits<input_t, 32>;
+static_assert(ContiguousBwdTraits<float>::kTileTokens * sizeof(float) ==
+                  kCausalConv1dCudaBwdTileBytes,
+              "the host sizes dweight_partials by the backward's tiles");
 
 // Channel-last x (threads along channels). A thread owns kNElts channels of one batch row and
 // slides a window of kMaxWidth tokens over a run of tokens, loading kStepTokens at a time, so
@@ -374,12 +396,28 @@ __device__ __forceinline__ void for_each_vector(int64_t t0, int64_t seqlen, F f)
   }
 }
 
-// A thread's vectors of one row (token t at row[t * stride]) as acc_t, zeros past seqlen.
-template <bool kVectorized, int kNVecs, int N, typename T, typename acc_t>
+// Calls f(j, n) for the kStep tokens of a step of a channel-last kernel, n the channels of token
+// j to load or store: n_channels for the first n_tokens tokens, 0 after them. When all kStep
+// tokens and kN channels are there, n is the constant kN: the step's loads or stores then go
+// with no branch between them, all in flight at once.
+template <int kStep, int kN, typename F>
+__device__ __forceinline__ void for_each_token(int n_tokens, int n_channels, F f) {
+  if (n_tokens == kStep && n_channels == kN) {
+#pragma unroll
+    for (int j = 0; j < kStep; ++j) f(j, kN);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kStep; ++j) f(j, j < n_tokens ? n_channels : 0);
+}
+
+// A thread's vectors of one row (token t at row[t * stride]) as they are in memory, zeros past
+// seqlen: converted where they are used, so that they take half the registers for 16-bit types.
+template <bool kVectorized, int kNVecs, int N, typename T>
 __device__ __forceinline__ void load_vectors(const T* row, int64_t stride, int64_t t0,
-                                             int64_t seqlen, acc_t (&v)[kNVecs][N]) {
+                                             int64_t seqlen, T (&v)[kNVecs][N]) {
   for_each_vector<kNVecs, N>(t0, seqlen, [&](int u, int64_t t, int n_valid) {
-    load_as_acc<kVectorized>(row + t * stride, stride, n_valid, v[u]);
+    load_raw<kVectorized>(row + t * stride, stride, n_valid, v[u]);
   });
 }
 
@@ -414,45 +452,64 @@ template <typename Traits> struct ContiguousThread {
   }
 };
 
-// The windows of a thread's vectors: xs[u][i] = x' at token vector_t0(u) - kHalo + i, x_at's
-// rules at the edges.
-template <typename Traits, bool kVectorized>
-__device__ __forceinline__ void load_x_windows(
-    const CausalConv1dFwdParams& params, const ContiguousThread<Traits>& thread,
-    typename Traits::acc_t (&xs)[Traits::kNVecs][Traits::kWindow]) {
+// The windows of x' of a thread's vectors (ContiguousTraits), x_at's rules at the edges: each
+// vector as loaded, and the kHalo tokens before it in acc_t.
+template <typename Traits> struct XWindows {
   using input_t = typename Traits::input_t;
   using acc_t = typename Traits::acc_t;
-  constexpr int kNElts = Traits::kNElts, kNVecs = Traits::kNVecs;
-  // Lane 0's halo, the tokens before the warp's, from global memory (an L1/L2 hit: the warp
-  // before loads them), issued first so that it is in flight with the vectors.
-  acc_t warp_halo[kHalo] = {};
-  if (thread.lane == 0) {
-#pragma unroll
-    for (int i = 0; i < kHalo; ++i)
-      warp_halo[i] = x_at<input_t>(params, thread.b, thread.d, thread.warp_t0 - kHalo + i);
+  static constexpr int kNElts = Traits::kNElts, kNVecs = Traits::kNVecs;
+
+  alignas(16) input_t vecs[kNVecs][kNElts];  // vector u: tokens [vector_t0(u), + kNElts)
+  acc_t halos[kNVecs][kHalo];                // the tokens [vector_t0(u) - kHalo, vector_t0(u))
+
+  // x' at token vector_t0(u) - kHalo + i.
+  __device__ __forceinline__ acc_t at(int u, int i) const {
+    return i < kHalo ? halos[u][i] : to_acc(vecs[u][i - kHalo]);
   }
-  acc_t v[kNVecs][kNElts];
-  load_vectors<kVectorized>(static_cast<const input_t*>(params.x) +
-                                thread.b * params.x_batch_stride + thread.d * params.x_dim_stride,
-                            params.x_seqlen_stride, thread.t0, params.seqlen, v);
+
+  // The window of tokens [vector_t0(u) + e - kHalo, vector_t0(u) + e], token e's taps.
+  __device__ __forceinline__ void taps_of(int u, int e, acc_t (&x)[kMaxWidth]) const {
 #pragma unroll
-  for (int u = 0; u < kNVecs; ++u) {
-#pragma unroll
-    for (int e = 0; e < kNElts; ++e) xs[u][kHalo + e] = v[u][e];
+    for (int k = 0; k < kMaxWidth; ++k) x[k] = at(u, e + k);
   }
-  // The other halos are the tail of the vector before: the left lane's, for lane 0 its own
-  // previous vector.
+
+  template <bool kVectorized>
+  __device__ __forceinline__ void load(const CausalConv1dFwdParams& params,
+                                       const ContiguousThread<Traits>& thread) {
+    // Lane 0's halo, the tokens before the warp's, from global memory (an L1/L2 hit: the warp
+    // before loads them), issued first so that it is in flight with the vectors.
+    const input_t* x = static_cast<const input_t*>(params.x) + thread.b * params.x_batch_stride +
+                       thread.d * params.x_dim_stride;
+    acc_t warp_halo[kHalo] = {};
+    if (thread.lane == 0) {
+      if (thread.warp_t0 >= kHalo && thread.warp_t0 <= params.seqlen) {  // inside the row
 #pragma unroll
-  for (int u = 0; u < kNVecs; ++u) {
+        for (int i = 0; i < kHalo; ++i)
+          warp_halo[i] = to_acc(x[(thread.warp_t0 - kHalo + i) * params.x_seqlen_stride]);
+      } else {
 #pragma unroll
-    for (int i = 0; i < kHalo; ++i) {
-      const acc_t from_left = __shfl_up_sync(kFullMask, xs[u][kNElts + i], 1);
-      const acc_t from_previous =
-          u > 0 ? __shfl_sync(kFullMask, xs[u > 0 ? u - 1 : 0][kNElts + i], 31) : warp_halo[i];
-      xs[u][i] = thread.lane > 0 ? from_left : from_previous;
+        for (int i = 0; i < kHalo; ++i)
+          warp_halo[i] = x_at<input_t>(params, thread.b, thread.d, thread.warp_t0 - kHalo + i);
+      }
+    }
+    load_vectors<kVectorized>(x, params.x_seqlen_stride, thread.t0, params.seqlen, vecs);
+    // The other halos are the tail of the vector before: the left lane's, for lane 0 its own
+    // previous vector.
+#pragma unroll
+    for (int u = 0; u < kNVecs; ++u) {
+#pragma unroll
+      for (int i = 0; i < kHalo; ++i) {
+        const acc_t from_left =
+            __shfl_up_sync(kFullMask, to_acc(vecs[u][kNElts - kHalo + i]), 1);
+        const acc_t from_previous =
+            u > 0 ? __shfl_sync(kFullMask, to_acc(vecs[u > 0 ? u - 1 : 0][kNElts - kHalo + i]),
+                                31)
+                  : warp_halo[i];
+        halos[u][i] = thread.lane > 0 ? from_left : from_previous;
+      }
     }
   }
-}
+};
 
 // x' at token t for kN channels [c0, c0 + n_channels) of batch row b: vectorized where t is a
 // token of x, x_at's rules elsewhere.

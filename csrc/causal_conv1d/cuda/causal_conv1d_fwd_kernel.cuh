@@ -2,7 +2,8 @@
 // the launch. The traits and the loaders they share with the backward are in
 // causal_conv1d_common.cuh. Each kernel has a vectorized variant (aligned unit-stride rows:
 // 16-byte loads and stores) and an elementwise one for any strides and alignment. Which taps are
-// on (the width, seq_idx) comes as bit masks (TokenMasks), the same code with or without seq_idx.
+// on comes as bit masks: the width's alone (the same for every token, so the compiler hoists
+// them) or, with seq_idx, per token (TokenMasks).
 #pragma once
 
 #include "causal_conv1d/cuda/causal_conv1d_common.cuh"
@@ -10,44 +11,58 @@
 namespace mamba_ext {
 namespace causal_conv1d_cuda {
 
-template <typename input_t, bool kVectorized, bool kSilu>
+// out of one token from its window x (taps 0..kHalo, the token last) and the taps that are on.
+template <bool kSilu, typename acc_t>
+__device__ __forceinline__ acc_t out_of_token(const Taps<acc_t>& taps, const acc_t (&x)[kMaxWidth],
+                                              unsigned on, bool padding) {
+  return zero_unless(!padding, activate<kSilu>(taps.conv(x, on)));
+}
+
+template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
 __device__ __forceinline__ void fwd_contiguous(const CausalConv1dFwdParams& params) {
-  using Traits = ContiguousTraits<input_t>;
+  using Traits = ContiguousFwdTraits<input_t>;
   using acc_t = typename Traits::acc_t;
   constexpr int kNElts = Traits::kNElts, kNVecs = Traits::kNVecs;
   const ContiguousThread<Traits> thread(params);
   Taps<acc_t> taps;
   taps.load(params, thread.d);
-  acc_t xs[kNVecs][Traits::kWindow];  // (vector, kHalo + kNElts tokens)
-  load_x_windows<Traits, kVectorized>(params, thread, xs);
-  acc_t out[kNVecs][kNElts];  // (vector, tokens)
-#pragma unroll
-  for (int u = 0; u < kNVecs; ++u) {
-    const TokenMasks masks = token_masks<kNElts>(params, taps, thread.b, thread.vector_t0(u));
+  XWindows<Traits> xs;
+  xs.template load<kVectorized>(params, thread);
+  input_t* out = static_cast<input_t*>(params.out) + thread.b * params.out_batch_stride +
+                 thread.d * params.out_dim_stride;
+  // A vector's out is computed where it is stored, so that only one vector of it is live.
+  for_each_vector<kNVecs, kNElts>(thread.t0, params.seqlen, [&](int u, int64_t t, int n_valid) {
+    TokenMasks masks{};
+    if constexpr (kMasked) masks = token_masks<kNElts>(params, taps, thread.b, t);
+    acc_t o[kNElts];
 #pragma unroll
     for (int e = 0; e < kNElts; ++e) {
-      const acc_t x[kMaxWidth] = {xs[u][e], xs[u][e + 1], xs[u][e + 2], xs[u][e + 3]};
-      out[u][e] = zero_unless(!(masks.padding >> e & 1u),
-                              activate<kSilu>(taps.conv(x, bits_of(masks.reads, e))));
+      acc_t x[kMaxWidth];
+      xs.taps_of(u, e, x);
+      o[e] = kMasked ? out_of_token<kSilu>(taps, x, bits_of(masks.reads, e),
+                                           masks.padding >> e & 1u)
+                     : out_of_token<kSilu>(taps, x, taps.width_bits, false);
     }
-  }
-  store_vectors<kVectorized>(static_cast<input_t*>(params.out) +
-                                 thread.b * params.out_batch_stride +
-                                 thread.d * params.out_dim_stride,
-                             params.out_seqlen_stride, thread.t0, params.seqlen, out);
+    store_from_acc<kVectorized>(out + t * params.out_seqlen_stride, params.out_seqlen_stride,
+                                n_valid, o);
+  });
   if (params.final_states != nullptr && thread.tile == thread.ntiles - 1 && threadIdx.x == 0)
     write_final_states<input_t>(params, thread.b, thread.d);
 }
 
+// 16-bit types at 8 blocks a multiprocessor (at most 64 registers; left alone the compiler takes
+// 75, 6 blocks), so that 64 KB of x are in flight on each: more than fp32's 56 KB, which reached
+// 99% of a copy's bandwidth. (Only the elementwise variant spills, a few bytes.)
 template <typename input_t, bool kVectorized>
-__global__ void __launch_bounds__(ContiguousTraits<input_t>::kNThreads)
+__global__ void __launch_bounds__(ContiguousFwdTraits<input_t>::kNThreads,
+                                  sizeof(input_t) == 2 ? 8 : 1)
     causal_conv1d_fwd_contiguous_kernel(const CausalConv1dFwdParams params) {
-  with_activation(params.silu, [&](auto silu) {
-    fwd_contiguous<input_t, kVectorized, decltype(silu)::value>(params);
+  with_flags(params.silu, params.seq_idx != nullptr, [&](auto silu, auto masked) {
+    fwd_contiguous<input_t, kVectorized, decltype(silu)::value, decltype(masked)::value>(params);
   });
 }
 
-template <typename input_t, bool kVectorized, bool kSilu>
+template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
 __device__ __forceinline__ void fwd_channels_inner(const CausalConv1dFwdParams& params) {
   using Traits = ChannelsInnerTraits<input_t>;
   using acc_t = typename Traits::acc_t;
@@ -71,28 +86,32 @@ __device__ __forceinline__ void fwd_channels_inner(const CausalConv1dFwdParams& 
 #pragma unroll
   for (int j = 0; j < kHalo; ++j)
     load_x_token<kVectorized, kNElts, input_t>(params, b, c0, nch, run_t0 - kHalo + j, xs[j]);
+  const input_t* x = static_cast<const input_t*>(params.x) + b * params.x_batch_stride +
+                     c0 * params.x_dim_stride;
   input_t* out = static_cast<input_t*>(params.out) + b * params.out_batch_stride +
                  c0 * params.out_dim_stride;
   const int64_t run_end = min(run_t0 + Traits::kRunTokens, params.seqlen);
 #pragma unroll 1
   for (int64_t t = run_t0; t < run_end; t += kStep) {
-#pragma unroll
-    for (int j = 0; j < kStep; ++j)
-      load_x_token<kVectorized, kNElts, input_t>(params, b, c0, nch, t + j, xs[kHalo + j]);
-    const TokenMasks masks = token_masks<kStep>(params, taps[0], b, t);
-#pragma unroll
-    for (int j = 0; j < kStep; ++j) {
+    const int n_tokens = count_in(params.seqlen - t, kStep);  // tokens past seqlen load as 0
+    for_each_token<kStep, kNElts>(n_tokens, nch, [&](int j, int n) {
+      load_as_acc<kVectorized>(x + (t + j) * params.x_seqlen_stride, params.x_dim_stride, n,
+                               xs[kHalo + j]);
+    });
+    TokenMasks masks{};
+    if constexpr (kMasked) masks = token_masks<kStep>(params, taps[0], b, t);
+    for_each_token<kStep, kNElts>(n_tokens, nch, [&](int j, int n) {
       acc_t o[kNElts];
 #pragma unroll
       for (int i = 0; i < kNElts; ++i) {
-        const acc_t x[kMaxWidth] = {xs[j][i], xs[j + 1][i], xs[j + 2][i], xs[j + 3][i]};
-        o[i] = zero_unless(!(masks.padding >> j & 1u),
-                           activate<kSilu>(taps[i].conv(x, bits_of(masks.reads, j))));
+        const acc_t x_i[kMaxWidth] = {xs[j][i], xs[j + 1][i], xs[j + 2][i], xs[j + 3][i]};
+        o[i] = kMasked ? out_of_token<kSilu>(taps[i], x_i, bits_of(masks.reads, j),
+                                             masks.padding >> j & 1u)
+                       : out_of_token<kSilu>(taps[i], x_i, taps[i].width_bits, false);
       }
-      if (t + j < run_end)
-        store_from_acc<kVectorized>(out + (t + j) * params.out_seqlen_stride,
-                                    params.out_dim_stride, nch, o);
-    }
+      store_from_acc<kVectorized>(out + (t + j) * params.out_seqlen_stride,
+                                  params.out_dim_stride, n, o);
+    });
 #pragma unroll
     for (int j = 0; j < kHalo; ++j) {
 #pragma unroll
@@ -107,8 +126,9 @@ __device__ __forceinline__ void fwd_channels_inner(const CausalConv1dFwdParams& 
 template <typename input_t, bool kVectorized>
 __global__ void __launch_bounds__(ChannelsInnerTraits<input_t>::kNThreads)
     causal_conv1d_fwd_channels_inner_kernel(const CausalConv1dFwdParams params) {
-  with_activation(params.silu, [&](auto silu) {
-    fwd_channels_inner<input_t, kVectorized, decltype(silu)::value>(params);
+  with_flags(params.silu, params.seq_idx != nullptr, [&](auto silu, auto masked) {
+    fwd_channels_inner<input_t, kVectorized, decltype(silu)::value, decltype(masked)::value>(
+        params);
   });
 }
 
@@ -137,7 +157,7 @@ cudaError_t causal_conv1d_fwd_cuda(const CausalConv1dFwdParams& params, cudaStre
                              : causal_conv1d_fwd_channels_inner_kernel<input_t, false>,
                          params);
   }
-  using Traits = ContiguousTraits<input_t>;
+  using Traits = ContiguousFwdTraits<input_t>;
   const int64_t blocks =
       params.batch * params.dim * ceil_div(params.seqlen, Traits::kTileTokens);
   return launch_blocks(blocks, Traits::kNThreads, stream,

@@ -1,7 +1,7 @@
 // CUDA decode update of the causal depthwise conv1d (causal_conv1d.h describes the linear and the
 // circular state). Latency-bound (a batch of one is dim threads): one launch, one thread per
 // (batch entry, channel), a warp's channels of one batch entry reading and writing their state
-// rows side by side.
+// rows side by side, with no division to find them.
 #pragma once
 
 #include "causal_conv1d/cuda/causal_conv1d_common.cuh"
@@ -14,13 +14,11 @@ constexpr int kUpdateThreads = 128;
 // a mod n in [0, n) for any sign of a, as torch.remainder.
 __device__ __forceinline__ int64_t floor_mod(int64_t a, int64_t n) { return ((a % n) + n) % n; }
 
+// One (batch entry, channel) row of a thread: a warp's channels of one batch entry side by side.
 template <typename input_t>
-__global__ void __launch_bounds__(kUpdateThreads)
-    causal_conv1d_update_kernel(const CausalConv1dUpdateParams params) {
+__device__ __forceinline__ void update_row(const CausalConv1dUpdateParams& params, int64_t b,
+                                           int64_t d) {
   using acc_t = acc_type<input_t>;
-  const int64_t idx = int64_t(blockIdx.x) * kUpdateThreads + threadIdx.x;
-  if (idx >= params.batch * params.dim) return;
-  const int64_t b = idx / params.dim, d = idx % params.dim;
   const input_t* x = static_cast<const input_t*>(params.x) + b * params.x_batch_stride +
                      d * params.x_dim_stride;
   input_t* out = static_cast<input_t*>(params.out) + b * params.out_batch_stride +
@@ -83,6 +81,15 @@ __global__ void __launch_bounds__(kUpdateThreads)
     state[s * state_stride] = x[(s - state_len + params.seqlen) * params.x_seqlen_stride];
 }
 
+// Grid: (channel blocks, batch entries); past 65535 batch entries a block takes several.
+template <typename input_t>
+__global__ void __launch_bounds__(kUpdateThreads)
+    causal_conv1d_update_kernel(const CausalConv1dUpdateParams params) {
+  const int64_t d = int64_t(blockIdx.x) * kUpdateThreads + threadIdx.x;
+  if (d >= params.dim) return;
+  for (int64_t b = blockIdx.y; b < params.batch; b += gridDim.y) update_row<input_t>(params, b, d);
+}
+
 }  // namespace causal_conv1d_cuda
 
 template <typename input_t>
@@ -90,8 +97,12 @@ cudaError_t causal_conv1d_update_cuda(const CausalConv1dUpdateParams& params,
                                       cudaStream_t stream) {
   using namespace causal_conv1d_cuda;
   if (params.batch == 0 || params.dim == 0) return cudaSuccess;
-  return launch_blocks(ceil_div(params.batch * params.dim, kUpdateThreads), kUpdateThreads,
-                       stream, causal_conv1d_update_kernel<input_t>, params);
+  const int64_t channel_blocks = ceil_div(params.dim, kUpdateThreads);
+  if (channel_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(channel_blocks),
+                  static_cast<unsigned>(params.batch < 65535 ? params.batch : 65535));
+  causal_conv1d_update_kernel<input_t><<<grid, kUpdateThreads, 0, stream>>>(params);
+  return cudaGetLastError();
 }
 
 }  // namespace mamba_ext

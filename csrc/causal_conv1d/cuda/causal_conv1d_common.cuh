@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "causal_conv1d/causal_conv1d.h"
+#include "common/cuda_math.cuh"
 #include "common/math.h"
 
 namespace mamba_ext {
@@ -24,22 +25,6 @@ constexpr int kHalo = kMaxWidth - 1;  // tokens a token reads before itself
 constexpr int kNSums = kMaxWidth + 1;  // a row of dweight_partials: 4 taps, then the bias
 static_assert(kNSums == kCausalConv1dCudaPartialSums, "the host sizes dweight_partials");
 constexpr unsigned kFullMask = 0xffffffffu;
-
-// The host builds with __CUDA_NO_HALF_CONVERSIONS__ (torch's default): convert explicitly.
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_acc(float v);
-template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <typename T> __device__ __forceinline__ T from_acc(double v) { return v; }
 
 // sigmoid on the special-function unit (2^x flushing denormals, and a reciprocal): a kernel at
 // the bandwidth roofline has no issue slots to spare for a full-precision expf (the relative

@@ -696,10 +696,11 @@ def test_cuda_ops_follow_the_current_stream():
 
 @pytest.mark.cuda
 @requires_cuda_kernels
-def test_update_skips_out_of_range_rows_on_cuda():
+@pytest.mark.parametrize("seqlen", [None, 3])  # one token (its own kernel path), several
+def test_update_skips_out_of_range_rows_on_cuda(seqlen):
     """conv_state_indices outside [0, state_batch), vLLM's padding slot -1 among them: the row's
     state is left alone and its output is 0; the other rows are updated as usual."""
-    inputs = make_update_inputs((3, 4, 0, False, True, "contiguous"), torch.float32,
+    inputs = make_update_inputs((seqlen, 4, 0, False, True, "contiguous"), torch.float32,
                                 torch.float32, "cuda", batch=4)
     inputs["conv_state_indices"] = torch.tensor([2, -1, 6, 0], dtype=torch.int32, device="cuda")
     state_before = inputs["conv_state"].clone()

@@ -81,15 +81,19 @@ __device__ __forceinline__ void update_row(const CausalConv1dUpdateParams& param
     state[s * state_stride] = x[(s - state_len + params.seqlen) * params.x_seqlen_stride];
 }
 
-// The one-token decode step with a linear state of at most kMaxWidth entries (the usual case):
-// a thread takes kUpdateRows batch entries of its channel and loads all of their states before
-// it computes any, so that kUpdateRows times the bytes are in flight (a batch of 256 is 1M rows
-// of 6 bytes of state: one load's latency per row, and 7 waves of warps, would leave the memory
-// mostly idle).
+// The one-token decode step with a linear state of at most kMaxWidth entries (the usual case),
+// at large batches: a thread takes kUpdateRows batch entries of its channel and loads all of their
+// states before it computes any, so that kUpdateRows times the bytes are in flight. On an H100 at
+// d4096 bf16 this took a batch of 256 (1M rows of 6 bytes of state) from 24.6 to 21.1 us, but
+// slowed batches of 1 and 64 (5.95 to 6.37 us, 10.5 to 12.2 us: a quarter of the threads, and
+// in one kernel with the general path it cost that path registers): its own kernel, from
+// kUpdateRowsMinRows rows on.
 constexpr int kUpdateRows = 4;
+constexpr int64_t kUpdateRowsMinRows = int64_t(1) << 20;
 
-MAMBA_HOST_DEVICE bool one_token_linear(const CausalConv1dUpdateParams& params) {
-  return params.cache_seqlens == nullptr && params.seqlen == 1 && params.state_len <= kMaxWidth;
+inline bool one_token_rows(const CausalConv1dUpdateParams& params) {
+  return params.cache_seqlens == nullptr && params.seqlen == 1 &&
+         params.state_len <= kMaxWidth && params.batch * params.dim >= kUpdateRowsMinRows;
 }
 
 template <typename input_t>
@@ -144,19 +148,24 @@ __device__ __forceinline__ void update_one_token_rows(const CausalConv1dUpdatePa
   }
 }
 
-// Grid: (channel blocks, groups of batch entries); past 65535 groups a block takes several.
+// Grid: (channel blocks, batch entries); past 65535 batch entries a block takes several.
 template <typename input_t>
 __global__ void __launch_bounds__(kUpdateThreads)
     causal_conv1d_update_kernel(const CausalConv1dUpdateParams params) {
   const int64_t d = int64_t(blockIdx.x) * kUpdateThreads + threadIdx.x;
   if (d >= params.dim) return;
-  if (one_token_linear(params)) {
-    for (int64_t b0 = int64_t(blockIdx.y) * kUpdateRows; b0 < params.batch;
-         b0 += int64_t(gridDim.y) * kUpdateRows)
-      update_one_token_rows<input_t>(params, b0, d);
-    return;
-  }
   for (int64_t b = blockIdx.y; b < params.batch; b += gridDim.y) update_row<input_t>(params, b, d);
+}
+
+// Grid: (channel blocks, groups of kUpdateRows batch entries), as causal_conv1d_update_kernel.
+template <typename input_t>
+__global__ void __launch_bounds__(kUpdateThreads)
+    causal_conv1d_update_rows_kernel(const CausalConv1dUpdateParams params) {
+  const int64_t d = int64_t(blockIdx.x) * kUpdateThreads + threadIdx.x;
+  if (d >= params.dim) return;
+  for (int64_t b0 = int64_t(blockIdx.y) * kUpdateRows; b0 < params.batch;
+       b0 += int64_t(gridDim.y) * kUpdateRows)
+    update_one_token_rows<input_t>(params, b0, d);
 }
 
 }  // namespace causal_conv1d_cuda
@@ -168,10 +177,15 @@ cudaError_t causal_conv1d_update_cuda(const CausalConv1dUpdateParams& params,
   if (params.batch == 0 || params.dim == 0) return cudaSuccess;
   const int64_t channel_blocks = ceil_div(params.dim, kUpdateThreads);
   if (channel_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const int64_t row_groups = ceil_div(params.batch, one_token_linear(params) ? kUpdateRows : 1);
+  const bool rows = one_token_rows(params);
+  const int64_t row_groups = ceil_div(params.batch, rows ? kUpdateRows : 1);
   const dim3 grid(static_cast<unsigned>(channel_blocks),
                   static_cast<unsigned>(row_groups < 65535 ? row_groups : 65535));
-  causal_conv1d_update_kernel<input_t><<<grid, kUpdateThreads, 0, stream>>>(params);
+  if (rows) {
+    causal_conv1d_update_rows_kernel<input_t><<<grid, kUpdateThreads, 0, stream>>>(params);
+  } else {
+    causal_conv1d_update_kernel<input_t><<<grid, kUpdateThreads, 0, stream>>>(params);
+  }
   return cudaGetLastError();
 }
 

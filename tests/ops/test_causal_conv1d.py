@@ -305,6 +305,18 @@ def test_update_matches_reference(case, dtypes, device):
 
 
 @pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("cache_seqlens", [None, torch.tensor([1, 5], dtype=torch.int32)])
+def test_update_without_tokens_keeps_state(cache_seqlens, device):
+    conv_state = torch.randn(2, 8, 3, device=device)
+    state_before = conv_state.clone()
+    seqlens = cache_seqlens.to(device) if cache_seqlens is not None else None
+    out = causal_conv1d_update(torch.randn(2, 8, 0, device=device), conv_state,
+                               torch.randn(8, 4, device=device), cache_seqlens=seqlens)
+    assert out.shape == (2, 8, 0)
+    assert torch.equal(conv_state, state_before)
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
 @pytest.mark.parametrize("prefix", [1, 7])  # 1: final_states are partly initial_states
 @pytest.mark.parametrize("tokens_per_call", [1, 4])
 @pytest.mark.parametrize("width", [2, 3, 4])

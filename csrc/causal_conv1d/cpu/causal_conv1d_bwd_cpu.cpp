@@ -28,7 +28,8 @@ void causal_conv1d_bwd_cpu(const CausalConv1dBwdParams& params) {
   const bool dout_channels_inner =
       channels_inner(params.dout_dim_stride, params.dout_seqlen_stride);
   const bool dx_channels_inner = channels_inner(params.dx_dim_stride, params.dx_seqlen_stride);
-  at::parallel_for(0, batch * dim_tiles * time_tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t ntiles = batch * dim_tiles * time_tiles;
+  at::parallel_for(0, ntiles, kGrainTiles, [&](int64_t begin, int64_t end) {
     TokenTile<input_t> tile(max_tokens, width);
     std::vector<acc_t> dz_tile(kTileDim * max_tokens);   // (channels, tokens)
     std::vector<acc_t> dx_tile(kTileDim * kTileTokens);  // (channels, positions): dx'

@@ -34,7 +34,8 @@ void causal_conv1d_fwd_cpu(const CausalConv1dFwdParams& params) {
   using acc_t = acc_type<input_t>;
   const int64_t dim_tiles = ceil_div(params.dim, kTileDim);
   const int64_t time_tiles = ceil_div(params.seqlen, kTileTokens);
-  at::parallel_for(0, params.batch * dim_tiles * time_tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t ntiles = params.batch * dim_tiles * time_tiles;
+  at::parallel_for(0, ntiles, kGrainTiles, [&](int64_t begin, int64_t end) {
     TokenTile<input_t> tile(kTileTokens, params.width);
     std::vector<acc_t> out_tile(kTileDim * kTileTokens);  // (channels, tokens)
     const bool out_channels_inner = channels_inner(params.out_dim_stride, params.out_seqlen_stride);

@@ -1,5 +1,6 @@
-// What the CPU forward and backward kernels share: reading the padded time axis (causal_conv1d.h
-// defines x' and seq') and the tile of it that one task works on.
+// What the CPU kernels share: reading the padded time axis (causal_conv1d.h defines x' and
+// seq'), the tile of it that one forward or backward task works on, and a sigmoid that
+// vectorises.
 #pragma once
 
 #include <algorithm>
@@ -18,10 +19,12 @@ namespace causal_conv1d_cpu {
 
 // Channels per tile: they share one set of sequence masks.
 constexpr int64_t kTileDim = 16;
-// Tokens per tile: 16 channels of it with the halo stay in L1 (16 x 262 floats = 17 KB), so
-// gathering a tile from a channel-last x, one strided channel after another, hits L1 after the
-// first channel.
+// Tokens per tile: a tile of 16 channels with its halo (16 x 262 floats = 17 KB) stays in L1
+// while its channels are computed one after another.
 constexpr int64_t kTileTokens = 256;
+// Tiles a thread takes at least: 32768 elements, ATen's grain for elementwise kernels, so that
+// small inputs do not pay for waking threads.
+constexpr int64_t kGrainTiles = 32768 / (kTileDim * kTileTokens);
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -6,11 +6,11 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/mamba_ext_out}
 mkdir -p "$OUT"
-# The image's default compiler (/opt/gcc, CC/CXX in its environment) builds an extension that
-# segfaults whenever a C++ exception crosses it (every argument check that fails); the system
-# g++ does not. Seen on the H100 machine, 2026-11-23.
-[ -x /usr/bin/g++ ] && export CC=/usr/bin/gcc CXX=/usr/bin/g++
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} PYTHONUNBUFFERED=1 MAMBA_EXT_CUDA=1
+# The image's CC/CXX (/opt/gcc) link libstdc++ into the library statically: the first C++
+# exception it throws (any failed TORCH_CHECK) then segfaults the process (seen on an H100
+# machine, 2026-11-23). The system compiler links it dynamically, as torch does.
+if [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 pytest_args=${1:--m cuda}
 shift || true
 benches=("$@")

@@ -708,10 +708,11 @@ def test_cuda_ops_follow_the_current_stream():
 
 @pytest.mark.cuda
 @requires_cuda_kernels
-def test_update_skips_out_of_range_rows_on_cuda():
+@pytest.mark.parametrize("seqlen", [None, 3])  # one token (its own kernel path), several
+def test_update_skips_out_of_range_rows_on_cuda(seqlen):
     """conv_state_indices outside [0, state_batch), vLLM's padding slot -1 among them: the row's
     state is left alone and its output is 0; the other rows are updated as usual."""
-    inputs = make_update_inputs((3, 4, 0, False, True, "contiguous"), torch.float32,
+    inputs = make_update_inputs((seqlen, 4, 0, False, True, "contiguous"), torch.float32,
                                 torch.float32, "cuda", batch=4)
     inputs["conv_state_indices"] = torch.tensor([2, -1, 6, 0], dtype=torch.int32, device="cuda")
     state_before = inputs["conv_state"].clone()
@@ -723,3 +724,27 @@ def test_update_skips_out_of_range_rows_on_cuda():
     helpers.assert_close(out[kept], ref_out, torch.float32)
     assert torch.equal(out[[1, 2]], torch.zeros_like(out[[1, 2]]))
     assert torch.equal(inputs["conv_state"], ref_inputs["conv_state"].float())
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtypes", DTYPES[:2], ids=dtype_id)
+@pytest.mark.parametrize("width, extra_state", [(4, 0), (3, 2), (2, 0)])
+def test_cuda_update_at_large_batch(width, extra_state, dtypes):
+    """From 2^20 (batch, channel) rows the one-token linear update takes its own kernel, four
+    batch entries a thread: a batch that is no multiple of four, with rows to skip."""
+    dtype, weight_dtype = dtypes
+    batch, dim = 259, 4096
+    inputs = make_update_inputs((None, width, extra_state, False, True, "contiguous"), dtype,
+                                weight_dtype, "cuda", batch=batch, dim=dim)
+    indices = inputs["conv_state_indices"]
+    indices[[5, 100, 258]] = torch.tensor([-1, batch + 2, -7], dtype=torch.int32, device="cuda")
+    state_before = inputs["conv_state"].clone()
+    out = causal_conv1d_update(**inputs)
+    kept = [b for b in range(batch) if b not in (5, 100, 258)]
+    ref_inputs = as_float64({**inputs, "x": inputs["x"][kept], "conv_state": state_before,
+                             "conv_state_indices": indices[kept]})
+    ref_out = causal_conv1d_update_ref(**ref_inputs)
+    helpers.assert_close(out[kept], ref_out, dtype)
+    assert torch.equal(out[[5, 100, 258]], torch.zeros_like(out[[5, 100, 258]]))
+    assert torch.equal(inputs["conv_state"], ref_inputs["conv_state"].to(dtype))

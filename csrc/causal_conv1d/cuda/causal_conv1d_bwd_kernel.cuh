@@ -152,34 +152,28 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
     }
   }
 
-  acc_t dx[kNVecs][kNElts];  // (vector, tokens)
-  acc_t sums[kNSums] = {};   // dw[0..kMaxWidth), dbias
-#pragma unroll
-  for (int u = 0; u < kNVecs; ++u) {
+  // A vector's dx is computed where it is stored, so that only one vector of it is live.
+  acc_t sums[kNSums] = {};  // dw[0..kMaxWidth), dbias
+  const bool has_dfinal = dfinal_before(params, thread.vector_t0(kNVecs - 1) + kNElts);
+  input_t* dx = static_cast<input_t*>(params.dx) + b * params.dx_batch_stride +
+                d * params.dx_dim_stride;
+  for_each_vector<kNVecs, kNElts>(thread.t0, params.seqlen, [&](int u, int64_t t, int n_valid) {
+    acc_t g[kNElts];
 #pragma unroll
     for (int e = 0; e < kNElts; ++e) {
       // Position t + e is read by tap k of token t + e + kHalo - k.
-      acc_t g = 0;
+      g[e] = 0;
 #pragma unroll
       for (int k = 0; k < kMaxWidth; ++k) {
-        g = (read_by(u, e) >> k & 1u) ? fma(taps.w[k], dz[u][e + kHalo - k], g) : g;
+        g[e] = (read_by(u, e) >> k & 1u) ? fma(taps.w[k], dz[u][e + kHalo - k], g[e]) : g[e];
         sums[k] = (reads(u, e) >> k & 1u) ? fma(dz[u][e], xs.at(u, e + k), sums[k]) : sums[k];
       }
       sums[kMaxWidth] += dz[u][e];
-      dx[u][e] = g;
+      if (has_dfinal) g[e] += dfinal_at<input_t>(params, b, d, t + e);
     }
-  }
-  if (dfinal_before(params, thread.vector_t0(kNVecs - 1) + kNElts)) {
-#pragma unroll
-    for (int u = 0; u < kNVecs; ++u) {
-#pragma unroll
-      for (int e = 0; e < kNElts; ++e)
-        dx[u][e] += dfinal_at<input_t>(params, b, d, thread.vector_t0(u) + e);
-    }
-  }
-  store_vectors<kVectorized>(static_cast<input_t*>(params.dx) + b * params.dx_batch_stride +
-                                 d * params.dx_dim_stride,
-                             params.dx_seqlen_stride, thread.t0, params.seqlen, dx);
+    store_from_acc<kVectorized>(dx + t * params.dx_seqlen_stride, params.dx_seqlen_stride,
+                                n_valid, g);
+  });
   // dinitial_states: the positions [-(width - 1), 0) before token 0, thread 0 of tile 0.
   if (params.dinitial_states != nullptr && thread.tile == 0 && threadIdx.x == 0) {
     const unsigned before = kMasked ? token_masks<kHalo>(params, taps, b, -kHalo).read_by
@@ -216,8 +210,17 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
   }
 }
 
+// Blocks a multiprocessor runs at once: left alone the compiler takes 96 registers for 16-bit types
+// (5 blocks) and 90 for fp32, and on an H100 the bf16 backward then reached only 1.9 TB/s, each
+// block computing for about as long as it waits for memory. More blocks hide more of it: at 6
+// (80 registers) 16-bit types spill 8 bytes, at 7 (72) fp32 none.
+template <typename input_t> constexpr int bwd_contiguous_min_blocks() {
+  return sizeof(input_t) == 2 ? 6 : (sizeof(input_t) == 4 ? 7 : 1);
+}
+
 template <typename input_t, bool kVectorized>
-__global__ void __launch_bounds__(ContiguousBwdTraits<input_t>::kNThreads)
+__global__ void __launch_bounds__(ContiguousBwdTraits<input_t>::kNThreads,
+                                  bwd_contiguous_min_blocks<input_t>())
     causal_conv1d_bwd_contiguous_kernel(const CausalConv1dBwdParams params) {
   with_flags(params.silu, params.seq_idx != nullptr, [&](auto silu, auto masked) {
     bwd_contiguous<input_t, kVectorized, decltype(silu)::value, decltype(masked)::value>(params);

@@ -348,8 +348,9 @@ template <typename input_t_> struct ChannelsInnerTraits {
   // warp), 2 doubles. More would cost registers (taps and window grow with them) that are worth
   // more as tokens in flight.
   static constexpr int kNElts = 16 / int(sizeof(input_t)) < 4 ? 16 / int(sizeof(input_t)) : 4;
-  // Forward: a block of threads side by side along channels, each over a run of tokens.
-  static constexpr int kStepTokens = 8;  // tokens loaded together, in flight at once
+  // Forward: a block of threads side by side along channels, each over a run of tokens, loading
+  // a step of 64 bytes (8 tokens of 16-bit channels, 4 of wider ones) while computing the last.
+  static constexpr int kStepTokens = 64 / (kNElts * int(sizeof(input_t)));
   static constexpr int kRunTokens = 32;
   static constexpr int kBlockChannels = kNThreads * kNElts;
   // Backward: the window holds dz too, so fewer tokens a step; a warp along channels, the

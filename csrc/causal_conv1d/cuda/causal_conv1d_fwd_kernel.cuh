@@ -80,31 +80,48 @@ __device__ __forceinline__ void fwd_channels_inner(const CausalConv1dFwdParams& 
   Taps<acc_t> taps[kNElts];
 #pragma unroll
   for (int i = 0; i < kNElts; ++i) taps[i].load(params, c0 + (i < nch ? i : 0));
-  // The window of the step at t: tokens [t - kHalo, t + kStep); the first kHalo carry over.
-  acc_t xs[kHalo + kStep][kNElts];  // (tokens, channels)
   const int64_t run_t0 = run * Traits::kRunTokens;
-#pragma unroll
-  for (int j = 0; j < kHalo; ++j)
-    load_x_token<kVectorized, kNElts, input_t>(params, b, c0, nch, run_t0 - kHalo + j, xs[j]);
+  const int64_t run_end = min(run_t0 + Traits::kRunTokens, params.seqlen);
   const input_t* x = static_cast<const input_t*>(params.x) + b * params.x_batch_stride +
                      c0 * params.x_dim_stride;
   input_t* out = static_cast<input_t*>(params.out) + b * params.out_batch_stride +
                  c0 * params.out_dim_stride;
-  const int64_t run_end = min(run_t0 + Traits::kRunTokens, params.seqlen);
+  // The tokens [t, t + kStep) of the step at t, as loaded (tokens past seqlen as 0): the next
+  // step's are loaded while this one's are computed, so that memory stays busy.
+  input_t next[kStep][kNElts];  // (tokens, channels)
+  const auto load_step = [&](int64_t t) {
+    for_each_token<kStep, kNElts>(count_in(params.seqlen - t, kStep), nch, [&](int j, int n) {
+      load_raw<kVectorized>(x + (t + j) * params.x_seqlen_stride, params.x_dim_stride, n,
+                            next[j]);
+    });
+  };
+  load_step(run_t0);
+  // The window of the step at t: tokens [t - kHalo, t + kStep), as loaded (half the registers
+  // of acc_t for 16-bit types); its first kHalo carry over.
+  input_t xs[kHalo + kStep][kNElts];  // (tokens, channels)
+#pragma unroll
+  for (int j = 0; j < kHalo; ++j) {
+    acc_t v[kNElts];
+    load_x_token<kVectorized, kNElts, input_t>(params, b, c0, nch, run_t0 - kHalo + j, v);
+#pragma unroll
+    for (int i = 0; i < kNElts; ++i) xs[j][i] = from_acc<input_t>(v[i]);  // exact: from input_t
+  }
 #pragma unroll 1
   for (int64_t t = run_t0; t < run_end; t += kStep) {
-    const int n_tokens = count_in(params.seqlen - t, kStep);  // tokens past seqlen load as 0
-    for_each_token<kStep, kNElts>(n_tokens, nch, [&](int j, int n) {
-      load_as_acc<kVectorized>(x + (t + j) * params.x_seqlen_stride, params.x_dim_stride, n,
-                               xs[kHalo + j]);
-    });
+#pragma unroll
+    for (int j = 0; j < kStep; ++j) {
+#pragma unroll
+      for (int i = 0; i < kNElts; ++i) xs[kHalo + j][i] = next[j][i];
+    }
+    if (t + kStep < run_end) load_step(t + kStep);
     TokenMasks masks{};
     if constexpr (kMasked) masks = token_masks<kStep>(params, taps[0], b, t);
-    for_each_token<kStep, kNElts>(n_tokens, nch, [&](int j, int n) {
+    for_each_token<kStep, kNElts>(count_in(params.seqlen - t, kStep), nch, [&](int j, int n) {
       acc_t o[kNElts];
 #pragma unroll
       for (int i = 0; i < kNElts; ++i) {
-        const acc_t x_i[kMaxWidth] = {xs[j][i], xs[j + 1][i], xs[j + 2][i], xs[j + 3][i]};
+        const acc_t x_i[kMaxWidth] = {to_acc(xs[j][i]), to_acc(xs[j + 1][i]),
+                                      to_acc(xs[j + 2][i]), to_acc(xs[j + 3][i])};
         o[i] = kMasked ? out_of_token<kSilu>(taps[i], x_i, bits_of(masks.reads, j),
                                              masks.padding >> j & 1u)
                        : out_of_token<kSilu>(taps[i], x_i, taps[i].width_bits, false);

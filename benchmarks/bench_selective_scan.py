@@ -60,6 +60,21 @@ def forward_backward(fn, inputs):
     return run
 
 
+def deterministic(make):
+    """The same run with torch.use_deterministic_algorithms(True) (ordered sums, no atomics)."""
+    def wrapped(fn, inputs):
+        run = make(fn, inputs)
+
+        def run_deterministic():
+            torch.use_deterministic_algorithms(True)
+            try:
+                run()
+            finally:
+                torch.use_deterministic_algorithms(False)
+        return run_deterministic
+    return wrapped
+
+
 def bench_cpu():
     device = torch.device("cpu")
     shape = CPU_SHAPE
@@ -106,9 +121,11 @@ def bench_cuda():
     for batch, dim, seqlen, dstate, anchor_fwd, anchor_fwd_bwd in ANCHORS:
         inputs = make_inputs(batch, dim, seqlen, dstate, device, torch.bfloat16)
         for mode, make, anchor in (("fwd", forward, anchor_fwd),
-                                   ("fwd+bwd", forward_backward, anchor_fwd_bwd)):
+                                   ("fwd+bwd", forward_backward, anchor_fwd_bwd),
+                                   ("fwd+bwd deterministic", deterministic(forward_backward),
+                                    anchor_fwd_bwd)):
             ms = harness.time_ms(make(selective_scan_fn, inputs), device)
-            nbytes = scan_bytes(batch, dim, seqlen, dstate, mode)
+            nbytes = scan_bytes(batch, dim, seqlen, dstate, mode.split()[0])
             floor_ms = nbytes / (harness.H100_COPY_GBPS * 1e9) * 1e3
             rows.append(dict(shape=f"b{batch} d{dim} l{seqlen} n{dstate}", dtype="bfloat16",
                              mode=mode, ms=ms, GB=nbytes / 1e9, GBps=nbytes / (ms * 1e6),
@@ -120,6 +137,8 @@ def bench_cuda():
 
 
 if __name__ == "__main__":
-    bench_cpu()
+    # On a GPU machine the CUDA shapes; the CPU comparison with the reference is for CPU hosts.
     if torch.cuda.is_available():
         bench_cuda()
+    else:
+        bench_cpu()

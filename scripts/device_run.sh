@@ -24,7 +24,7 @@ echo "build: exit $status in $(( $(date +%s) - start )) s" | tee -a "$OUT/summar
 [ $status -eq 0 ] || { tail -50 "$OUT/build.log"; exit $status; }
 
 # shellcheck disable=SC2086
-python3 -m pytest -q -x $pytest_args 2>&1 | tee "$OUT/tests.log" | tail -30
+python3 -m pytest -q --maxfail=25 $pytest_args 2>&1 | tee "$OUT/tests.log" | tail -30
 echo "tests: exit ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
 
 for bench in "${benches[@]}"; do

@@ -6,6 +6,13 @@
 
 #include <tuple>
 
+#ifdef MAMBA_EXT_WITH_CUDA
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
 #include "common/check.h"
 #include "common/dispatch.h"
 #include "selective_scan/selective_scan.h"
@@ -191,22 +198,36 @@ void fill_fwd_params(SelectiveScanFwdParams& p, const ScanShape& s, const ScanIn
   p.delta_softplus = delta_softplus;
 }
 
+// A forward call, checked and ready for a kernel.
+struct FwdCall {
+  at::Tensor out, last_state;
+  SelectiveScanFwdParams params;
+};
+
+FwdCall prepare_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                    const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
+                    const c10::optional<at::Tensor>& z,
+                    const c10::optional<at::Tensor>& delta_bias,
+                    const c10::optional<at::Tensor>& initial_state, bool delta_softplus) {
+  const ScanInputs in{u, delta, A, B, C, opt_ptr(D), opt_ptr(z), opt_ptr(delta_bias),
+                      opt_ptr(initial_state)};
+  const ScanShape s = check_inputs(kFwdOp, in);
+  FwdCall call;
+  call.out = at::empty({s.batch, s.dim, s.seqlen}, u.options());
+  call.last_state = at::empty({s.batch, s.dim, s.dstate}, A.options());
+  fill_fwd_params(call.params, s, in, &call.out, &call.last_state, delta_softplus);
+  return call;
+}
+
 std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu_op(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
     const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& initial_state,
     bool delta_softplus) {
-  const char* op = kFwdOp;
-  const ScanInputs in{u, delta, A, B, C, opt_ptr(D), opt_ptr(z), opt_ptr(delta_bias),
-                      opt_ptr(initial_state)};
-  const ScanShape s = check_inputs(op, in);
-  at::Tensor out = at::empty({s.batch, s.dim, s.seqlen}, u.options());
-  at::Tensor last_state = at::empty({s.batch, s.dim, s.dstate}, A.options());
-  SelectiveScanFwdParams params;
-  fill_fwd_params(params, s, in, &out, &last_state, delta_softplus);
+  FwdCall call = prepare_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus);
   MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kFwdOp,
-                             [&] { selective_scan_fwd_cpu<input_t>(params); });
-  return {out, last_state};
+                             [&] { selective_scan_fwd_cpu<input_t>(call.params); });
+  return {call.out, call.last_state};
 }
 
 // The gradient of an optional input: its shape and dtype, contiguous, when the input is there;
@@ -215,9 +236,17 @@ at::Tensor gradient_or_empty(const at::Tensor* input, const at::TensorOptions& a
   return input ? at::empty(input->sizes(), input->options()) : at::empty({0}, absent_options);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor>
-selective_scan_bwd_cpu_op(const at::Tensor& dout, const c10::optional<at::Tensor>& dlast_state,
+using BwdGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor, at::Tensor, at::Tensor>;
+
+// A backward call, checked and ready for a kernel.
+struct BwdCall {
+  BwdGrads grads;
+  ScanShape shape;
+  SelectiveScanBwdParams params;
+};
+
+BwdCall prepare_bwd(const at::Tensor& dout, const c10::optional<at::Tensor>& dlast_state,
                           const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                           const at::Tensor& B, const at::Tensor& C,
                           const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
@@ -245,7 +274,7 @@ selective_scan_bwd_cpu_op(const at::Tensor& dout, const c10::optional<at::Tensor
   const at::Tensor* dz_out = in.z ? &dz : nullptr;
   const at::Tensor* dinitial_out = in.initial_state ? &dinitial_state : nullptr;
 
-  SelectiveScanBwdParams p;
+  SelectiveScanBwdParams p{};
   fill_fwd_params(p, s, in, nullptr, nullptr, delta_softplus);
   strides3(&dout, p.dout_batch_stride, p.dout_dim_stride, p.dout_seqlen_stride);
   strides3(dlast, p.dlast_state_batch_stride, p.dlast_state_dim_stride,
@@ -276,15 +305,115 @@ selective_scan_bwd_cpu_op(const at::Tensor& dout, const c10::optional<at::Tensor
   p.ddelta_bias = in.delta_bias ? ddelta_bias.mutable_data_ptr() : nullptr;
   p.dinitial_state = in.initial_state ? dinitial_state.mutable_data_ptr() : nullptr;
 
-  MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kBwdOp, [&] { selective_scan_bwd_cpu<input_t>(p); });
-  return {du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state};
+  return {{du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state}, s, p};
 }
 
+BwdGrads selective_scan_bwd_cpu_op(const at::Tensor& dout,
+                                   const c10::optional<at::Tensor>& dlast_state,
+                                   const at::Tensor& u, const at::Tensor& delta,
+                                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                   const c10::optional<at::Tensor>& D,
+                                   const c10::optional<at::Tensor>& z,
+                                   const c10::optional<at::Tensor>& delta_bias,
+                                   const c10::optional<at::Tensor>& initial_state,
+                                   bool delta_softplus) {
+  BwdCall call = prepare_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
+                             initial_state, delta_softplus);
+  MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kBwdOp,
+                             [&] { selective_scan_bwd_cpu<input_t>(call.params); });
+  return call.grads;
+}
+
+
+#ifdef MAMBA_EXT_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cuda_op(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+    const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& initial_state,
+    bool delta_softplus) {
+  const c10::cuda::CUDAGuard device_guard(u.device());
+  FwdCall call = prepare_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus);
+  if (call.out.numel() == 0 && call.last_state.numel() == 0) return {call.out, call.last_state};
+  cudaError_t error = cudaSuccess;
+  MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kFwdOp, [&] {
+    error = selective_scan_fwd_cuda<cuda_type<input_t>>(call.params,
+                                                        at::cuda::getCurrentCUDAStream());
+  });
+  TORCH_CHECK(error == cudaSuccess, kFwdOp, ": CUDA kernel launch failed: ",
+              cudaGetErrorString(error));
+  return {call.out, call.last_state};
+}
+
+BwdGrads selective_scan_bwd_cuda_op(const at::Tensor& dout,
+                                    const c10::optional<at::Tensor>& dlast_state,
+                                    const at::Tensor& u, const at::Tensor& delta,
+                                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                    const c10::optional<at::Tensor>& D,
+                                    const c10::optional<at::Tensor>& z,
+                                    const c10::optional<at::Tensor>& delta_bias,
+                                    const c10::optional<at::Tensor>& initial_state,
+                                    bool delta_softplus) {
+  const c10::cuda::CUDAGuard device_guard(u.device());
+  BwdCall call = prepare_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
+                             initial_state, delta_softplus);
+  SelectiveScanBwdParams& p = call.params;
+  const ScanShape& s = call.shape;
+  const bool double_precision = u.scalar_type() == at::kDouble;
+  const SelectiveScanCudaGeometry g = selective_scan_bwd_cuda_geometry(p, double_precision);
+  // Scratch (selective_scan.h): deterministic sums keep one partial per slot and add them in
+  // order; otherwise every block adds into one zeroed slot with atomics.
+  p.deterministic = at::globalContext().deterministicAlgorithms();
+  p.BC_slots = p.deterministic ? g.channel_blocks_per_group : 1;
+  p.weight_slots = p.deterministic ? s.batch : 1;
+  const at::TensorOptions acc = A.options();
+  auto scratch = [&](std::initializer_list<int64_t> sizes) {
+    return p.deterministic ? at::empty(sizes, acc) : at::zeros(sizes, acc);
+  };
+  const int64_t nchunks = g.chunks(s.seqlen);
+  at::Tensor checkpoints = at::empty({s.batch, s.dim, nchunks, s.dstate}, acc);
+  at::Tensor BC_partials =
+      (s.variable_B || s.variable_C)
+          ? scratch({p.BC_slots, s.batch, s.ngroups, 2, s.dstate, s.seqlen})
+          : at::empty({0}, acc);
+  at::Tensor weight_partials = scratch({p.weight_slots, s.dim, 3, s.dstate});
+  at::Tensor channel_partials = scratch({p.weight_slots, s.dim, 2});
+  at::Tensor slice_partials =
+      g.slice_blocks > 1 ? at::empty({g.slice_blocks, 3, s.batch, s.dim, s.seqlen}, acc)
+                         : at::empty({0}, acc);
+  p.checkpoints = checkpoints.data_ptr();
+  p.BC_partials = BC_partials.data_ptr();
+  p.weight_partials = weight_partials.data_ptr();
+  p.channel_partials = channel_partials.data_ptr();
+  p.slice_partials = slice_partials.data_ptr();
+  if (s.batch * s.dim == 0) {
+    // No token to scan: the sums are empty.
+    for (at::Tensor* grad : {&std::get<2>(call.grads), &std::get<3>(call.grads),
+                             &std::get<4>(call.grads), &std::get<5>(call.grads),
+                             &std::get<7>(call.grads)})
+      grad->zero_();
+    return call.grads;
+  }
+  cudaError_t error = cudaSuccess;
+  MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kBwdOp, [&] {
+    error = selective_scan_bwd_cuda<cuda_type<input_t>>(p, at::cuda::getCurrentCUDAStream());
+  });
+  TORCH_CHECK(error == cudaSuccess, kBwdOp, ": CUDA kernel launch failed: ",
+              cudaGetErrorString(error));
+  return call.grads;
+}
+#endif
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mamba_ext, CPU, m) {
   m.impl("selective_scan_fwd", &selective_scan_fwd_cpu_op);
   m.impl("selective_scan_bwd", &selective_scan_bwd_cpu_op);
 }
+
+#ifdef MAMBA_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(mamba_ext, CUDA, m) {
+  m.impl("selective_scan_fwd", &selective_scan_fwd_cuda_op);
+  m.impl("selective_scan_bwd", &selective_scan_bwd_cuda_op);
+}
+#endif
 
 }  // namespace mamba_ext

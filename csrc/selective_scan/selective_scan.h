@@ -11,7 +11,14 @@
 // pointer is null.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+
+#include "common/math.h"
+
+#ifdef MAMBA_EXT_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 namespace mamba_ext {
 
@@ -50,6 +57,11 @@ struct SelectiveScanFwdParams {
   // Flags.
   bool is_variable_B, is_variable_C;
   bool delta_softplus;
+
+  // CUDA only: when not null, the forward also writes the state before each chunk of tokens
+  // (selective_scan_cuda_chunk) here, (batch, dim, nchunks, dstate) in acc_type; the backward restarts
+  // from these checkpoints instead of keeping every state.
+  void* checkpoints = nullptr;
 };
 
 // The gradients of every input given dout and dlast_state. Each gradient has the shape and type
@@ -79,10 +91,82 @@ struct SelectiveScanBwdParams : SelectiveScanFwdParams {
   void* dD;                 // (dim,) or null
   void* ddelta_bias;        // (dim,) or null
   void* dinitial_state;     // (batch, dim, dstate) or null
+
+  // CUDA only: scratch in acc_type that the host allocates with the sizes of
+  // selective_scan_bwd_cuda_geometry. Sums over channels, batches or state slices are written
+  // as one partial per "slot" and added in a fixed order by a second kernel (deterministic), or,
+  // with one slot, added with atomics into zeroed memory (fast).
+  void* BC_partials = nullptr;       // (BC_slots, batch, ngroups, 2, dstate, seqlen): dB, dC
+  void* weight_partials = nullptr;   // (weight_slots, dim, 3, dstate): dA, constant dB and dC
+  void* channel_partials = nullptr;  // (weight_slots, dim, 2): dD, ddelta_bias
+  void* slice_partials = nullptr;    // (slice_blocks, 3, batch, dim, seqlen) when slice_blocks > 1
+  int64_t BC_slots = 1, weight_slots = 1;
+  bool deterministic = false;
 };
+
+// The CUDA kernels' blocking, shared by the launchers and the host code that sizes the scratch.
+// A thread keeps `states_per_thread` states of one channel; a warp holds 32 channels; a block
+// holds `channel_warps` warps of channels times `slices` state slices. Blocks never straddle a
+// group of B / C. The backward splits the slices over `slice_blocks` blocks when they would not
+// fit in one. Tokens go by chunks (loads, checkpoints, synchronisation): 32 in single precision,
+// 16 in double, so that double fits the same shared memory.
+constexpr MAMBA_HOST_DEVICE int selective_scan_cuda_chunk(bool double_precision) {
+  return double_precision ? 16 : 32;
+}
+
+struct SelectiveScanCudaGeometry {
+  int chunk, states_per_thread, slices, channel_warps, slice_blocks;
+  int64_t channel_blocks_per_group;
+  MAMBA_HOST_DEVICE int threads() const { return 32 * channel_warps * slices; }
+  MAMBA_HOST_DEVICE int channels_per_block() const { return 32 * channel_warps; }
+  MAMBA_HOST_DEVICE int64_t chunks(int64_t seqlen) const { return (seqlen + chunk - 1) / chunk; }
+};
+
+inline SelectiveScanCudaGeometry selective_scan_cuda_geometry(int64_t dim, int64_t ngroups,
+                                                              int64_t dstate,
+                                                              bool double_precision,
+                                                              int states_per_thread,
+                                                              int max_slices) {
+  SelectiveScanCudaGeometry g{};
+  g.chunk = selective_scan_cuda_chunk(double_precision);
+  g.states_per_thread = states_per_thread;
+  const int slices = static_cast<int>((dstate + states_per_thread - 1) / states_per_thread);
+  g.slice_blocks = (slices + max_slices - 1) / max_slices;
+  g.slices = (slices + g.slice_blocks - 1) / g.slice_blocks;
+  const int64_t channel_warps_needed = (dim / ngroups + 31) / 32;
+  g.channel_warps = static_cast<int>(
+      std::min<int64_t>(std::max(1, 8 / g.slices), channel_warps_needed));
+  g.channel_blocks_per_group =
+      (dim / ngroups + g.channels_per_block() - 1) / g.channels_per_block();
+  return g;
+}
+
+// The forward keeps 4 states a thread up to dstate 64 and 16 above, in one block of at most 16
+// slices. The backward keeps 4 (it holds 8 tokens of their history in registers), with at most
+// 8 slices (256 threads) a block.
+inline SelectiveScanCudaGeometry selective_scan_fwd_cuda_geometry(const SelectiveScanFwdParams& p,
+                                                                  bool double_precision) {
+  return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision,
+                                      p.dstate <= 64 ? 4 : 16, 16);
+}
+constexpr int kScanBwdStatesPerThread = 4;
+inline SelectiveScanCudaGeometry selective_scan_bwd_cuda_geometry(const SelectiveScanFwdParams& p,
+                                                                  bool double_precision) {
+  return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision,
+                                      kScanBwdStatesPerThread, 8);
+}
 
 // CPU kernels, instantiated for float, double, c10::Half and c10::BFloat16.
 template <typename input_t> void selective_scan_fwd_cpu(const SelectiveScanFwdParams& params);
 template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdParams& params);
+
+#ifdef MAMBA_EXT_WITH_CUDA
+// CUDA kernels, instantiated for float, double, __half and __nv_bfloat16 (the caller has
+// allocated the outputs and the scratch, and zeroed the scratch when not deterministic).
+template <typename input_t>
+cudaError_t selective_scan_fwd_cuda(const SelectiveScanFwdParams& params, cudaStream_t stream);
+template <typename input_t>
+cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& params, cudaStream_t stream);
+#endif
 
 }  // namespace mamba_ext

@@ -395,3 +395,118 @@ def test_inputs_on_another_device_are_refused():
     inputs["delta"] = inputs["delta"].cpu()
     with pytest.raises(ValueError, match=r"selective_scan_fwd: delta must be on cuda"):
         selective_scan_fn(**inputs)
+
+
+# CUDA: several channel blocks and groups, both thread layouts of the forward (4 and 16 states a
+# thread), and the backward's state slices within one block and across blocks (dstate > 32).
+CUDA_AGREEMENT_CASES = [
+    Case(batch=2, dim=200, ngroups=2, dstate=16, seqlen=300, initial_state=True),
+    Case(batch=1, dim=70, dstate=64, seqlen=100, B="constant", C="variable3d", z=False),
+    Case(batch=2, dim=40, dstate=256, seqlen=77, B="variable3d", C="constant",
+         initial_state=True, strided=True),
+    Case(batch=3, dim=33, dstate=5, seqlen=33, delta_softplus=False, D=False),
+]
+
+
+def _scan_grads(inputs, case, dout, dlast):
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
+    out, last_state = run_op({**inputs, **leaves}, case)
+    grads = torch.autograd.grad((out * dout).sum() + (last_state * dlast).sum(),
+                                list(leaves.values()))
+    return out, last_state, dict(zip(leaves, grads))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_AGREEMENT_CASES, ids=str)
+def test_cuda_matches_cpu_kernel(case):
+    needs_kernel("cuda")
+    inputs = make_inputs(case, "cuda")
+    dout = torch.randn(case.batch, case.dim, case.seqlen, device="cuda")
+    dlast = torch.randn(case.batch, case.dim, case.dstate, device="cuda")
+    out, last, grads = _scan_grads(inputs, case, dout, dlast)
+    cpu_inputs = {k: None if v is None else v.cpu() for k, v in inputs.items()}
+    out_cpu, last_cpu, grads_cpu = _scan_grads(cpu_inputs, case, dout.cpu(), dlast.cpu())
+    assert_close(out.cpu(), out_cpu.double(), torch.float32, "out")
+    assert_close(last.cpu(), last_cpu.double(), torch.float32, "last_state")
+    for name in grads:
+        assert_close(grads[name].cpu(), grads_cpu[name].double(), torch.float32, f"d{name}")
+
+
+@pytest.mark.cuda
+def test_cuda_backward_is_deterministic_when_asked():
+    needs_kernel("cuda")
+    case = Case(batch=2, dim=300, ngroups=3, dstate=16, seqlen=500, B="variable",
+                C="variable", initial_state=True)
+    inputs = make_inputs(case, "cuda")
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                "initial_state")]
+    dout = torch.randn(2, 300, 500, device="cuda")
+    dlast = torch.randn(2, 300, 16, device="cuda")
+    fast = torch.ops.mamba_ext.selective_scan_bwd(dout, dlast, *args, True)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        first = torch.ops.mamba_ext.selective_scan_bwd(dout, dlast, *args, True)
+        second = torch.ops.mamba_ext.selective_scan_bwd(dout, dlast, *args, True)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b, c in zip(first, second, fast):
+        assert torch.equal(a, b)
+        if a.numel():
+            assert_close(c, a.double(), torch.float32)
+
+
+@pytest.mark.cuda
+def test_cuda_runs_on_the_current_stream():
+    needs_kernel("cuda")
+    case = Case(batch=2, dim=64, dstate=16, seqlen=200)
+    inputs = make_inputs(case, "cuda")
+    expected, _ = run_op(inputs, case)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out, _ = run_op(inputs, case)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.cuda
+def test_cuda_more_than_2_31_elements():
+    """u, delta, out and their gradients hold more than 2^31 elements: offsets must be 64-bit
+    (mamba-ssm's int32 offsets corrupt gradients there). The last channels must match a run of
+    those channels alone."""
+    needs_kernel("cuda")
+    if torch.cuda.get_device_properties(0).total_memory < 60 * 2**30:
+        pytest.skip("needs a GPU with 60 GiB")
+    batch, dim, seqlen, dstate = 1, 4160, 2**19, 16
+    assert batch * dim * seqlen > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device="cuda", generator=gen, dtype=dtype)
+
+    u, delta = randn(batch, dim, seqlen), randn(batch, dim, seqlen) * 0.5 - 1
+    A = -(0.25 + torch.rand(dim, dstate, device="cuda", generator=gen))
+    B, C = randn(batch, dstate, seqlen), randn(batch, dstate, seqlen)
+    D, delta_bias = randn(dim, dtype=torch.float32), randn(dim, dtype=torch.float32) * 0.1
+    dout = randn(batch, dim, seqlen)
+    tail = slice(dim - 3, dim)
+    full = [u, delta, A, B, C, D, None, delta_bias, None]
+    part = [u[:, tail].contiguous(), delta[:, tail].contiguous(), A[tail], B, C, D[tail], None,
+            delta_bias[tail], None]
+    out, last = torch.ops.mamba_ext.selective_scan_fwd(*full, True)
+    out_part, last_part = torch.ops.mamba_ext.selective_scan_fwd(*part, True)
+    torch.testing.assert_close(out[:, tail], out_part, rtol=0, atol=0)
+    torch.testing.assert_close(last[:, tail], last_part, rtol=0, atol=0)
+    del out
+    grads = torch.ops.mamba_ext.selective_scan_bwd(dout, None, *full, True)
+    grads_part = torch.ops.mamba_ext.selective_scan_bwd(dout[:, tail].contiguous(), None, *part,
+                                                        True)
+    # du, ddelta, dA, dD, ddelta_bias of a channel depend on that channel only.
+    for index, name in ((0, "du"), (1, "ddelta")):
+        torch.testing.assert_close(grads[index][:, tail], grads_part[index], rtol=0, atol=0,
+                                   msg=name)
+    for index, name in ((2, "dA"), (5, "dD"), (7, "ddelta_bias")):
+        torch.testing.assert_close(grads[index][tail], grads_part[index], rtol=1e-5, atol=1e-6,
+                                   msg=name)

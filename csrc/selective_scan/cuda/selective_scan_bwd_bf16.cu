@@ -1,0 +1,6 @@
+// selective_scan_bwd_cuda for __nv_bfloat16 activations.
+#include "selective_scan/cuda/selective_scan_bwd_kernel.cuh"
+
+namespace mamba_ext {
+template cudaError_t selective_scan_bwd_cuda<__nv_bfloat16>(const SelectiveScanBwdParams&, cudaStream_t);
+}  // namespace mamba_ext

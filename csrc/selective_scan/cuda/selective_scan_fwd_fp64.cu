@@ -1,0 +1,6 @@
+// selective_scan_fwd_cuda for double activations.
+#include "selective_scan/cuda/selective_scan_fwd_kernel.cuh"
+
+namespace mamba_ext {
+template cudaError_t selective_scan_fwd_cuda<double>(const SelectiveScanFwdParams&, cudaStream_t);
+}  // namespace mamba_ext

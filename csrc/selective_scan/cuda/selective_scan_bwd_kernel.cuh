@@ -38,56 +38,41 @@ __host__ __device__ inline int64_t bwd_smem_elements(const SelectiveScanCudaGeom
          2 * kChunk * g.slices * g.states_per_thread + g.channels_per_block() * 2;
 }
 
-// What finishing a token reads besides the sums over its states.
-template <typename acc_t> struct TokenInputs {
-  acc_t u, delta, dout, z, D, delta_bias;
-};
-
-template <typename input_t, typename acc_t = acc_type<input_t>>
-__device__ __forceinline__ TokenInputs<acc_t> load_token_inputs(const SelectiveScanBwdParams& p,
-                                                                int64_t batch, int64_t channel,
-                                                                int64_t token) {
-  TokenInputs<acc_t> in;
-  in.u = Activation<input_t>(p.u, batch, p.u_batch_stride, p.u_dim_stride,
-                             p.u_seqlen_stride)(channel, token);
-  in.delta = Activation<input_t>(p.delta, batch, p.delta_batch_stride, p.delta_dim_stride,
-                                 p.delta_seqlen_stride)(channel, token);
-  in.dout = Activation<input_t>(p.dout, batch, p.dout_batch_stride, p.dout_dim_stride,
-                                p.dout_seqlen_stride)(channel, token);
-  in.z = p.z ? Activation<input_t>(p.z, batch, p.z_batch_stride, p.z_dim_stride,
-                                   p.z_seqlen_stride)(channel, token)
-             : acc_t(0);
-  in.D = channel_weight<acc_t>(p.D, p.D_stride, channel);
-  in.delta_bias = channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, channel);
-  return in;
-}
-
 // du, ddelta and dz of one token from the sums over its channel's states, y_states =
 // sum_n h C, P1 = sum_n A r, P2 = sum_n dh B; adds the token's dD and ddelta_bias terms.
 template <typename input_t, typename acc_t>
-__device__ __forceinline__ void finish_token(const SelectiveScanBwdParams& p,
-                                             const TokenInputs<acc_t>& in, int64_t batch,
+__device__ __forceinline__ void finish_token(const SelectiveScanBwdParams& p, int64_t batch,
                                              int64_t channel, int64_t token, acc_t y_states,
                                              acc_t P1, acc_t P2, acc_t& dD_sum,
                                              acc_t& ddelta_bias_sum) {
-  const acc_t dt_raw = in.delta + in.delta_bias;
-  const acc_t dt = p.delta_softplus ? fast_softplus(dt_raw) : dt_raw;
-  acc_t gy = in.dout;
+  const Activation<input_t> u(p.u, batch, p.u_batch_stride, p.u_dim_stride, p.u_seqlen_stride);
+  const Activation<input_t> delta(p.delta, batch, p.delta_batch_stride, p.delta_dim_stride,
+                                  p.delta_seqlen_stride);
+  const Activation<input_t> dout(p.dout, batch, p.dout_batch_stride, p.dout_dim_stride,
+                                 p.dout_seqlen_stride);
+  const acc_t u_t = u(channel, token), g_out = dout(channel, token);
+  const acc_t D = channel_weight<acc_t>(p.D, p.D_stride, channel);
+  const acc_t dt_raw =
+      delta(channel, token) + channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, channel);
+  const acc_t dt = p.delta_softplus ? softplus(dt_raw) : dt_raw;
+  acc_t gy = g_out;
   if (p.z != nullptr) {
-    gy = in.dout * fast_silu(in.z);
-    const acc_t dz = in.dout * (y_states + in.D * in.u) * fast_silu_grad(in.z);
+    const Activation<input_t> z(p.z, batch, p.z_batch_stride, p.z_dim_stride, p.z_seqlen_stride);
+    const acc_t z_t = z(channel, token);
+    gy = g_out * silu(z_t);
+    const acc_t dz = g_out * (y_states + D * u_t) * silu_grad(z_t);
     OutputActivation<input_t>(p.dz, batch, p.dz_batch_stride, p.dz_dim_stride,
                               p.dz_seqlen_stride)
         .store(channel, token, dz);
   }
-  const acc_t ddt = P1 + in.u * P2;
-  const acc_t ddelta = p.delta_softplus ? ddt * fast_sigmoid(dt_raw) : ddt;
+  const acc_t ddt = P1 + u_t * P2;
+  const acc_t ddelta = p.delta_softplus ? ddt * sigmoid(dt_raw) : ddt;
   OutputActivation<input_t>(p.du, batch, p.du_batch_stride, p.du_dim_stride, p.du_seqlen_stride)
-      .store(channel, token, dt * P2 + in.D * gy);
+      .store(channel, token, dt * P2 + D * gy);
   OutputActivation<input_t>(p.ddelta, batch, p.ddelta_batch_stride, p.ddelta_dim_stride,
                             p.ddelta_seqlen_stride)
       .store(channel, token, ddelta);
-  dD_sum += gy * in.u;
+  dD_sum += gy * u_t;
   ddelta_bias_sum += ddelta;
 }
 
@@ -171,21 +156,15 @@ __global__ void __launch_bounds__(256)
     const int64_t token0 = chunk_index * kChunk;
     // Load the chunk: dt, dt u, gy = dout silu(z), variable B and C.
     load_dt_chunk<kChunk, input_t>(p, pos, token0, s_dt, s_dtu);
-    struct DoutZ { acc_t dout, z; };
-    for_chunk_elements<kChunk>(
-        pos,
-        [&](int ce, int t, bool in_chunk) {
-          const int64_t ch = pos.channel0 + ce, token = token0 + t;
-          DoutZ v{0, 0};
-          if (in_chunk && pos.channel_valid(ce) && token < p.seqlen) {
-            v.dout = dout(ch, token);
-            if (p.z != nullptr) v.z = z(ch, token);
-          }
-          return v;
-        },
-        [&](const DoutZ& v, int ce, int t) {
-          s_gy[t * cs + ce] = p.z != nullptr ? v.dout * fast_silu(v.z) : v.dout;
-        });
+    MAMBA_FOR_CHUNK_ELEMENTS(pos, kChunk, ce, t) {
+      const int64_t ch = pos.channel0 + ce, token = token0 + t;
+      acc_t gy = 0;
+      if (pos.channel_valid(ce) && token < p.seqlen) {
+        gy = dout(ch, token);
+        if (p.z != nullptr) gy *= silu(acc_t(z(ch, token)));
+      }
+      s_gy[t * cs + ce] = gy;
+    }
     load_variable_BC_chunk<kChunk, input_t>(p, pos, token0, s_B, s_C);
     __syncthreads();
 
@@ -218,8 +197,7 @@ __global__ void __launch_bounds__(256)
     }
     __syncthreads();
     if (p.z != nullptr) {
-      for (int e = threadIdx.x; e < kChunk * pos.channels; e += pos.threads) {
-        const int ce = e / kChunk, t = e % kChunk;
+      MAMBA_FOR_CHUNK_ELEMENTS(pos, kChunk, ce, t) {
         acc_t y = 0;
         for (int slice = 0; slice < g.slices; ++slice) y += s_ypart[(slice * kChunk + t) * cs + ce];
         s_ysum[t * cs + ce] = y;
@@ -329,40 +307,30 @@ __global__ void __launch_bounds__(256)
     }
 
     // Finish the chunk's du, ddelta, dz, or hand the slice sums to the finishing kernel.
-    struct Loaded { TokenInputs<acc_t> in; bool valid; };
-    for_chunk_elements<kChunk>(
-        pos,
-        [&](int ce, int t, bool in_chunk) {
-          const int64_t ch = pos.channel0 + ce, token = token0 + t;
-          Loaded v{};
-          v.valid = in_chunk && pos.channel_valid(ce) && token < p.seqlen;
-          if (v.valid && finish_here) v.in = load_token_inputs<input_t>(p, pos.batch, ch, token);
-          return v;
-        },
-        [&](const Loaded& v, int ce, int t) {
-          const int64_t ch = pos.channel0 + ce, token = token0 + t;
-          if (finish_here) {
-            acc_t dD = 0, ddelta_bias = 0;
-            if (v.valid)
-              finish_token<input_t>(p, v.in, pos.batch, ch, token, s_ysum[t * cs + ce],
-                                    s_P1[t * cs + ce], s_P2[t * cs + ce], dD, ddelta_bias);
-            // kChunk consecutive lanes hold one channel's tokens.
-            dD = lane_group_sum<kChunk>(dD);
-            ddelta_bias = lane_group_sum<kChunk>(ddelta_bias);
-            if (t == 0) {
-              s_dD[ce] += dD;
-              s_ddelta_bias[ce] += ddelta_bias;
-            }
-          } else if (v.valid) {
-            acc_t* partials =
-                static_cast<acc_t*>(p.slice_partials) +
-                ((blockIdx.z * 3 * p.batch + pos.batch) * p.dim + ch) * p.seqlen + token;
-            const int64_t which_stride = p.batch * p.dim * p.seqlen;
-            partials[0] = s_ysum[t * cs + ce];
-            partials[which_stride] = s_P1[t * cs + ce];
-            partials[2 * which_stride] = s_P2[t * cs + ce];
-          }
-        });
+    MAMBA_FOR_CHUNK_ELEMENTS(pos, kChunk, ce, t) {
+      const int64_t ch = pos.channel0 + ce, token = token0 + t;
+      const bool valid = pos.channel_valid(ce) && token < p.seqlen;
+      if (finish_here) {
+        acc_t dD = 0, ddelta_bias = 0;
+        if (valid)
+          finish_token<input_t>(p, pos.batch, ch, token, s_ysum[t * cs + ce], s_P1[t * cs + ce],
+                                s_P2[t * cs + ce], dD, ddelta_bias);
+        // kChunk consecutive lanes hold one channel's tokens.
+        dD = lane_group_sum<kChunk>(dD);
+        ddelta_bias = lane_group_sum<kChunk>(ddelta_bias);
+        if (t == 0) {
+          s_dD[ce] += dD;
+          s_ddelta_bias[ce] += ddelta_bias;
+        }
+      } else if (valid) {
+        acc_t* partials = static_cast<acc_t*>(p.slice_partials) +
+                          ((blockIdx.z * 3 * p.batch + pos.batch) * p.dim + ch) * p.seqlen + token;
+        const int64_t which_stride = p.batch * p.dim * p.seqlen;
+        partials[0] = s_ysum[t * cs + ce];
+        partials[which_stride] = s_P1[t * cs + ce];
+        partials[2 * which_stride] = s_P2[t * cs + ce];
+      }
+    }
     __syncthreads();
   }
 
@@ -412,8 +380,7 @@ __global__ void __launch_bounds__(256)
     for (int block = 0; block < slice_blocks; ++block)
       for (int which = 0; which < 3; ++which)
         sums[which] += partials[(block * 3 + which) * which_stride + token];
-    finish_token<input_t>(p, load_token_inputs<input_t>(p, batch, channel, token), batch, channel,
-                          token, sums[0], sums[1], sums[2], dD, ddelta_bias);
+    finish_token<input_t>(p, batch, channel, token, sums[0], sums[1], sums[2], dD, ddelta_bias);
   }
   __shared__ acc_t s_sums[2][8];
   dD = lane_group_sum<32>(dD);

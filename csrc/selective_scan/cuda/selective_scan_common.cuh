@@ -89,38 +89,12 @@ __device__ __forceinline__ BlockPosition block_position(const SelectiveScanFwdPa
 
 // The block loads and finishes a chunk cooperatively, element e = (channel c, token t) with
 // c = e / kChunk, t = e % kChunk: a warp covers 32 tokens of one channel (coalesced when the
-// token stride is 1). A thread loads kBatch of its elements before using any, so their memory
-// latencies overlap instead of adding up. load(c, t, valid) returns what use(v, c, t) needs;
-// `valid` is false past the chunk's elements. The loop is warp-uniform (shuffles may follow).
-template <int kChunk, int kBatch = 8, typename Load, typename Use>
-__device__ __forceinline__ void for_chunk_elements(const BlockPosition& pos, Load load, Use use) {
-  const int total = kChunk * pos.channels;
-  for (int e0 = threadIdx.x; e0 < total; e0 += kBatch * pos.threads) {
-    decltype(load(0, 0, false)) v[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int e = e0 + j * pos.threads;
-      v[j] = load(e / kChunk, e % kChunk, e < total);
-    }
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int e = e0 + j * pos.threads;
-      if (e < total) use(v[j], e / kChunk, e % kChunk);
-    }
-  }
-}
-
-// Fast single-precision activations (__expf: a few ulp, far inside fp32's tolerance); double
-// keeps common/math.h's exact ones (gradcheck).
-__device__ __forceinline__ float fast_sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
-__device__ __forceinline__ double fast_sigmoid(double x) { return sigmoid(x); }
-__device__ __forceinline__ float fast_softplus(float x) { return x <= 20.f ? log1pf(__expf(x)) : x; }
-__device__ __forceinline__ double fast_softplus(double x) { return softplus(x); }
-template <typename T> __device__ __forceinline__ T fast_silu(T x) { return x * fast_sigmoid(x); }
-template <typename T> __device__ __forceinline__ T fast_silu_grad(T x) {
-  const T s = fast_sigmoid(x);
-  return s * (T(1) + x * (T(1) - s));
-}
+// token stride is 1). MAMBA_FOR_CHUNK_ELEMENTS(pos, kChunk, c, t) { ... } loops over this
+// thread's elements.
+#define MAMBA_FOR_CHUNK_ELEMENTS(pos, kChunk, c, t)                                   \
+  for (int e_ = threadIdx.x, c = e_ / (kChunk), t = e_ % (kChunk);                    \
+       e_ < (kChunk) * (pos).channels;                                                \
+       e_ += (pos).threads, c = e_ / (kChunk), t = e_ % (kChunk))
 
 // An activation (batch, dim, seqlen) of this block's batch.
 template <typename input_t> struct Activation {
@@ -166,26 +140,18 @@ __device__ __forceinline__ void load_dt_chunk(const SelectiveScanFwdParams& p,
                               p.u_seqlen_stride);
   const Activation<input_t> delta(p.delta, pos.batch, p.delta_batch_stride, p.delta_dim_stride,
                                   p.delta_seqlen_stride);
-  struct Loaded { acc_t u, delta, bias; bool valid; };
-  for_chunk_elements<kChunk>(
-      pos,
-      [&](int c, int t, bool in_chunk) {
-        const int64_t channel = pos.channel0 + c, token = token0 + t;
-        Loaded v{0, 0, 0, in_chunk && pos.channel_valid(c) && token < p.seqlen};
-        if (v.valid) {
-          v.u = u(channel, token);
-          v.delta = delta(channel, token);
-          v.bias = channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, channel);
-        }
-        return v;
-      },
-      [&](const Loaded& v, int c, int t) {
-        acc_t dt = v.delta + v.bias;
-        if (p.delta_softplus) dt = fast_softplus(dt);
-        if (!v.valid) dt = 0;
-        s_dt[t * pos.channel_stride + c] = dt;
-        s_dtu[t * pos.channel_stride + c] = dt * v.u;
-      });
+  MAMBA_FOR_CHUNK_ELEMENTS(pos, kChunk, c, t) {
+    const int64_t channel = pos.channel0 + c, token = token0 + t;
+    acc_t dt = 0, dtu = 0;
+    if (pos.channel_valid(c) && token < p.seqlen) {
+      dt = delta(channel, token) +
+           channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, channel);
+      if (p.delta_softplus) dt = softplus(dt);
+      dtu = dt * u(channel, token);
+    }
+    s_dt[t * pos.channel_stride + c] = dt;
+    s_dtu[t * pos.channel_stride + c] = dtu;
+  }
 }
 
 // Fills s[t][state] with the chunk's variable B or C (batch, group, dstate, seqlen) for the
@@ -197,24 +163,12 @@ __device__ __forceinline__ void load_state_input_chunk(
     int64_t token0) {
   const input_t* base =
       static_cast<const input_t*>(ptr) + pos.batch * batch_stride + pos.group * group_stride;
-  // Loads kBatch values before storing any (overlapping their latencies).
-  constexpr int kBatch = 4;
-  const int total = pos.padded_states * kChunk;
-  for (int e0 = threadIdx.x; e0 < total; e0 += kBatch * pos.threads) {
-    acc_t v[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int e = e0 + j * pos.threads, state = e / kChunk, t = e % kChunk;
-      const int64_t n = pos.block_state0 + state, token = token0 + t;
-      v[j] = (e < total && n < p.dstate && token < p.seqlen)
-                 ? to_acc(base[n * dstate_stride + token * seqlen_stride])
-                 : acc_t(0);
-    }
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int e = e0 + j * pos.threads;
-      if (e < total) s[(e % kChunk) * pos.padded_states + e / kChunk] = v[j];
-    }
+  for (int e = threadIdx.x; e < pos.padded_states * kChunk; e += pos.threads) {
+    const int state = e / kChunk, t = e % kChunk;
+    const int64_t n = pos.block_state0 + state, token = token0 + t;
+    s[t * pos.padded_states + state] =
+        (n < p.dstate && token < p.seqlen) ? to_acc(base[n * dstate_stride + token * seqlen_stride])
+                                           : acc_t(0);
   }
 }
 

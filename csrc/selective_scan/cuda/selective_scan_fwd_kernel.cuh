@@ -91,28 +91,15 @@ __global__ void __launch_bounds__(512)
                                   p.z_seqlen_stride);
       const OutputActivation<input_t> out(p.out, pos.batch, p.out_batch_stride,
                                           p.out_dim_stride, p.out_seqlen_stride);
-      struct Loaded { acc_t u, z, D; };
-      for_chunk_elements<kChunk>(
-          pos,
-          [&](int ce, int t, bool in_chunk) {
-            const int64_t ch = pos.channel0 + ce, token = token0 + t;
-            Loaded v{0, 0, 0};
-            if (in_chunk && pos.channel_valid(ce) && token < p.seqlen) {
-              v.u = u(ch, token);
-              if (p.z != nullptr) v.z = z(ch, token);
-              v.D = channel_weight<acc_t>(p.D, p.D_stride, ch);
-            }
-            return v;
-          },
-          [&](const Loaded& v, int ce, int t) {
-            const int64_t token = token0 + t;
-            if (!pos.channel_valid(ce) || token >= p.seqlen) return;
-            acc_t y = v.D * v.u;
-            for (int slice = 0; slice < g.slices; ++slice)
-              y += s_y[(slice * kChunk + t) * cs + ce];
-            if (p.z != nullptr) y *= fast_silu(v.z);
-            out.store(pos.channel0 + ce, token, y);
-          });
+      MAMBA_FOR_CHUNK_ELEMENTS(pos, kChunk, ce, t) {
+        const int64_t ch = pos.channel0 + ce, token = token0 + t;
+        if (!pos.channel_valid(ce) || token >= p.seqlen) continue;
+        acc_t y = 0;
+        for (int slice = 0; slice < g.slices; ++slice) y += s_y[(slice * kChunk + t) * cs + ce];
+        y += channel_weight<acc_t>(p.D, p.D_stride, ch) * u(ch, token);
+        if (p.z != nullptr) y *= silu(acc_t(z(ch, token)));
+        out.store(ch, token, y);
+      }
     }
     // The next chunk's loads overwrite what this one's readers use.
     __syncthreads();

@@ -1,7 +1,9 @@
 """Benchmark of selective_state_update, the decode step, on the device present (CUDA when there).
 
 Shapes: Mamba-2 decode at b1 / b64 / b256, h80 p64 n128 with a float32 state (shared/anchors.md),
-and Mamba-1 at b1 / b64, d4096 n16. Activations bf16, A / D / dt_bias fp32, one group, z gating and
+a Mamba-2 speculative draft of 4 tokens at b64 writing its intermediate states, and Mamba-1 at
+b1 / b64, d4096 n16. On CUDA a second table sweeps the kernel's launch shape (lanes per row, rows
+per thread: MAMBA_EXT_STATE_UPDATE_TUNE) at the Mamba-2 shapes. Activations bf16, A / D / dt_bias fp32, one group, z gating and
 dt_softplus on, as the anchors were measured; Mamba-2's A, dt, dt_bias and D are per head,
 expanded with stride 0 as Mamba2 passes them.
 
@@ -9,11 +11,15 @@ The op is memory-bound: the floor is the bytes it must move (the state read and 
 at the bandwidth of an in-place elementwise update measured here on the same device.
 """
 import argparse
+import os
 
 import torch
 
 import harness
 from mamba_ext.ops import selective_state_update
+
+# The CUDA kernel's launch-shape override, "lanes,rows" (state_update_kernel.cuh).
+TUNE_VARIABLE = "MAMBA_EXT_STATE_UPDATE_TUNE"
 
 # mamba-ssm's Triton kernel on an H100 (shared/anchors.md), in ms.
 MAMBA2_ANCHOR_MS = {1: 0.019, 64: 0.14, 256: 0.58}
@@ -27,21 +33,27 @@ def update_gbps(device, nbytes=256 * 2**20):
     return 2 * nbytes / harness.time_ms(lambda: buf.add_(1.0), device) / 1e6
 
 
-def mamba2_inputs(batch, device, nheads=80, headdim=64, dstate=128):
+def mamba2_inputs(batch, device, nheads=80, headdim=64, dstate=128, seqlen=None):
+    """seqlen: None for one token, else a draft of seqlen tokens with intermediate states."""
     bf16 = torch.bfloat16
+    lead = (batch,) if seqlen is None else (batch, seqlen)
     A = -torch.rand(nheads, device=device) - 0.5
-    dt = torch.rand(batch, nheads, device=device, dtype=bf16)
+    dt = torch.rand(*lead, nheads, device=device, dtype=bf16)
     D, dt_bias = torch.randn(nheads, device=device), torch.rand(nheads, device=device)
-    return dict(
+    inputs = dict(
         state=torch.randn(batch, nheads, headdim, dstate, device=device),
-        x=torch.randn(batch, nheads, headdim, device=device, dtype=bf16),
-        dt=dt[:, :, None].expand(batch, nheads, headdim),
+        x=torch.randn(*lead, nheads, headdim, device=device, dtype=bf16),
+        dt=dt[..., None].expand(*lead, nheads, headdim),
         A=A[:, None, None].expand(nheads, headdim, dstate),
-        B=torch.randn(batch, 1, dstate, device=device, dtype=bf16),
-        C=torch.randn(batch, 1, dstate, device=device, dtype=bf16),
+        B=torch.randn(*lead, 1, dstate, device=device, dtype=bf16),
+        C=torch.randn(*lead, 1, dstate, device=device, dtype=bf16),
         D=D[:, None].expand(nheads, headdim),
-        z=torch.randn(batch, nheads, headdim, device=device, dtype=bf16),
+        z=torch.randn(*lead, nheads, headdim, device=device, dtype=bf16),
         dt_bias=dt_bias[:, None].expand(nheads, headdim), dt_softplus=True)
+    if seqlen is not None:
+        inputs["intermediate_states_buffer"] = torch.empty(
+            batch, seqlen, nheads, headdim, dstate, device=device)
+    return inputs
 
 
 def mamba1_inputs(batch, device, dim=4096, dstate=16):
@@ -66,6 +78,7 @@ def bytes_moved(inputs):
             elements *= size if stride else 1
         return elements * t.element_size()
 
+    # The intermediate states are only written: counted once, as the tensors read are.
     tensors = [v for v in inputs.values() if torch.is_tensor(v)]
     return (sum(distinct_bytes(t) for t in tensors) + distinct_bytes(inputs["state"])
             + distinct_bytes(inputs["x"]))
@@ -79,6 +92,8 @@ def main():
     print(f"in-place update bandwidth on {harness.device_name(device)}: {ceiling:.1f} GB/s")
 
     shapes = [("mamba2", b, f"b{b} h80 p64 n128", mamba2_inputs) for b in (1, 64, 256)]
+    shapes += [("mamba2-draft4", 64, "b64 s4 h80 p64 n128 + intermediate states",
+                lambda batch, dev: mamba2_inputs(batch, dev, seqlen=4))]
     shapes += [("mamba1", b, f"b{b} d4096 n16", mamba1_inputs) for b in (1, 64)]
     rows = []
     for form, batch, shape, make_inputs in shapes:
@@ -96,6 +111,29 @@ def main():
     harness.write_results("state_update", rows, device,
                           ["form", "shape", "time_ms", "MB", "GBps", "floor_ms",
                            "fraction_of_floor", "anchor_ms", "ratio_to_anchor"])
+    if device.type == "cuda":
+        sweep_launch_shapes(device, ceiling)
+
+
+def sweep_launch_shapes(device, ceiling):
+    """The Mamba-2 shapes under each launch shape the kernel takes (lanes per row, rows per
+    thread), to see what the heuristic leaves on the table."""
+    rows = []
+    for batch in (1, 64, 256):
+        inputs = mamba2_inputs(batch, device)
+        nbytes = bytes_moved(inputs)
+        for tune in ("heuristic", "16,1", "16,2", "16,4", "32,1", "32,2", "32,4"):
+            if tune == "heuristic":
+                os.environ.pop(TUNE_VARIABLE, None)
+            else:
+                os.environ[TUNE_VARIABLE] = tune
+            ms = harness.time_ms(lambda: selective_state_update(**inputs), device)
+            rows.append(dict(op="selective_state_update", shape=f"b{batch} h80 p64 n128",
+                             launch=tune, time_ms=ms, GBps=nbytes / ms / 1e6,
+                             fraction_of_floor=nbytes / ceiling / 1e6 / ms))
+    os.environ.pop(TUNE_VARIABLE, None)
+    harness.write_results("state_update_launch_sweep", rows, device,
+                          ["shape", "launch", "time_ms", "GBps", "fraction_of_floor"])
 
 
 if __name__ == "__main__":

@@ -54,8 +54,13 @@ TORCH_LIBRARY(mamba_ext, m) {
   // A (nheads, headdim, dstate), B/C (batch, ngroups, dstate), D/dt_bias (nheads, headdim);
   // A, dt, dt_bias and D may be broadcast over headdim and dstate with stride 0.
   // state_batch_indices: (batch,) int32, the state row of each batch entry.
+  // Several tokens (a speculative draft): x/dt/z (batch, seqlen, ...) and B/C (batch, seqlen,
+  // ...), applied in order; intermediate_states_buffer (rows, seqlen, ...state dims) receives the
+  // state after each token, at row intermediate_state_indices[b] (or b); disable_state_update
+  // leaves the state as it was (a draft verified before it is committed). FlashInfer's names.
   m.def(
       "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, "
       "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? state_batch_indices, "
-      "bool dt_softplus) -> Tensor");
+      "bool dt_softplus, Tensor(b!)? intermediate_states_buffer=None, "
+      "Tensor? intermediate_state_indices=None, bool disable_state_update=False) -> Tensor");
 }

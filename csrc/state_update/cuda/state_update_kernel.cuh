@@ -1,16 +1,26 @@
-// CUDA kernel of selective_state_update: one decode step, in place on the state.
+// CUDA kernel of selective_state_update: seqlen decode steps in one launch, in place on the state.
 //
-// A state row (batch, head, headdim) of dstate entries is split over `lanes` consecutive lanes
-// of a warp (a power of two, up to 32), each owning kChunks chunks of kElts consecutive entries,
-// interleaved so that a warp's loads of one chunk are contiguous; the row's <state, C> is reduced
-// over those lanes by shuffles. The state is the traffic (read and written once): all of a lane's
-// chunks are loaded before any is used, so that several 16-byte loads are in flight per thread.
-// B and C rows are shared by every row of a (batch, group) and come from L1.
+// A block owns a tile of rows of one (batch, head): its threads split each row of dstate entries
+// over `lanes` consecutive lanes (a power of two, up to a warp), each lane owning kChunks chunks
+// of kElts consecutive entries, interleaved so that a warp's loads of one chunk are contiguous;
+// and each thread takes up to kMaxRows rows of the tile (`rows_per_thread`, chosen on the host
+// so that the grid still fills the GPU). The row's <state, C> is reduced over its lanes by
+// shuffles.
+//
+// The state is the traffic (read and written once per call, whatever seqlen): every row of a
+// thread is loaded before any is used, so that up to kMaxRows * kChunks 16-byte loads are in
+// flight per thread, with the streaming (evict-first) hint since each line is touched once. The
+// lane's columns are the same for all its rows, so B and C (and A where Mamba-2 broadcasts it)
+// are loaded once per token for all of them, and the per-row scalars (dt, x, z, D) of a token are
+// loaded together before any store, so that a single-token call waits for memory once. Between
+// tokens the state stays in registers, in acc_t.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 
 #include "common/cuda_math.cuh"
 #include "common/math.h"
@@ -19,17 +29,62 @@
 namespace mamba_ext {
 namespace state_update_cuda {
 
-constexpr int kThreads = 128;
+constexpr int kMaxThreads = 128;
 constexpr int kElts = 4;       // state entries per lane and chunk: 16 bytes of a float32 state
 constexpr int kMaxLanes = 32;  // a row never spans more than a warp
-constexpr int kChunks = 4;     // chunks per lane: 64 bytes of float32 state in flight per thread
-static_assert(kThreads % kMaxLanes == 0, "a block holds whole warps");
+constexpr int kChunks = 2;     // chunks per lane: 32 bytes of float32 state per row and thread
+constexpr int kMaxRows = 4;    // rows per thread: up to 128 bytes of float32 state in flight
+// Resident blocks per SM the register budget is cut for: 96 registers a thread, 640 threads and
+// 80 KB of state loads in flight per SM (ptxas spills about 10 values, to L1, at this bound; left
+// free it takes 168 registers, 384 threads and 48 KB).
+constexpr int kMinBlocks = 5;
+static_assert(kMaxThreads % kMaxLanes == 0, "a block holds whole warps");
 static_assert(kMaxLanes * kChunks * kElts >= kSelectiveStateUpdateMaxDstate,
               "a warp must cover the largest dstate");
 
 template <typename T> struct alignas(sizeof(T) * kElts) Vec {
   T v[kElts];
 };
+
+// Vector loads by the Vec's size in bytes: streaming (cache-as-evict-first) for the state, each
+// line of which is touched once, and read-only (ld.global.nc) for B and C.
+template <typename T, bool kStream> __device__ __forceinline__ Vec<T> load_vec(const Vec<T>* p) {
+  const auto load = [](const auto* q) { return kStream ? __ldcs(q) : __ldg(q); };
+  Vec<T> r;
+  if constexpr (sizeof(Vec<T>) == 8) {
+    *reinterpret_cast<uint2*>(&r) = load(reinterpret_cast<const uint2*>(p));
+  } else if constexpr (sizeof(Vec<T>) == 16) {
+    *reinterpret_cast<uint4*>(&r) = load(reinterpret_cast<const uint4*>(p));
+  } else {
+    static_assert(sizeof(Vec<T>) == 32, "a Vec is 8, 16 or 32 bytes");
+    reinterpret_cast<uint4*>(&r)[0] = load(reinterpret_cast<const uint4*>(p));
+    reinterpret_cast<uint4*>(&r)[1] = load(reinterpret_cast<const uint4*>(p) + 1);
+  }
+  return r;
+}
+template <typename T> __device__ __forceinline__ void store_stream(Vec<T>* p, const Vec<T>& v) {
+  if constexpr (sizeof(Vec<T>) == 8) {
+    __stcs(reinterpret_cast<uint2*>(p), *reinterpret_cast<const uint2*>(&v));
+  } else if constexpr (sizeof(Vec<T>) == 16) {
+    __stcs(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&v));
+  } else {
+    static_assert(sizeof(Vec<T>) == 32, "a Vec is 8, 16 or 32 bytes");
+    __stcs(reinterpret_cast<uint4*>(p), reinterpret_cast<const uint4*>(&v)[0]);
+    __stcs(reinterpret_cast<uint4*>(p) + 1, reinterpret_cast<const uint4*>(&v)[1]);
+  }
+}
+
+// Read-only loads of the inputs (never written during the launch), so the compiler may hoist
+// them above the stores of an earlier token.
+template <typename T> __device__ __forceinline__ T load_input(const T* p) { return __ldg(p); }
+template <> __device__ __forceinline__ __nv_bfloat16 load_input(const __nv_bfloat16* p) {
+  const unsigned short bits = __ldg(reinterpret_cast<const unsigned short*>(p));
+  return *reinterpret_cast<const __nv_bfloat16*>(&bits);
+}
+template <> __device__ __forceinline__ __half load_input(const __half* p) {
+  const unsigned short bits = __ldg(reinterpret_cast<const unsigned short*>(p));
+  return *reinterpret_cast<const __half*>(&bits);
+}
 
 // Lanes per row: the fewest that cover dstate with kChunks chunks each.
 inline int lanes_for(int64_t dstate) {
@@ -38,113 +93,214 @@ inline int lanes_for(int64_t dstate) {
   return lanes;
 }
 
-// kVecState: the state row is contiguous, 16-byte aligned and dstate % kElts == 0, so each
-// chunk is one vector load and store.
-template <typename input_t, typename state_t, bool kVecState>
-__global__ void __launch_bounds__(kThreads)
-    selective_state_update_kernel(const SelectiveStateUpdateParams p, const int lanes) {
+// kVec: the state (and the intermediate states) have contiguous, 16-byte aligned rows, B and C
+// contiguous, aligned rows, and dstate % kElts == 0, so each chunk is one vector load or store.
+template <typename input_t, typename state_t, bool kVec>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
+    selective_state_update_kernel(const SelectiveStateUpdateParams p, const int lanes,
+                                  const int rows_per_thread, const unsigned tiles) {
   using acc_t = decltype(to_acc(input_t{}));
-  const int lane = threadIdx.x % lanes;
+  constexpr int kRowElts = kChunks * kElts;
+  const unsigned tile = blockIdx.x % tiles;
+  const unsigned bh = blockIdx.x / tiles;
+  const int64_t h = bh % static_cast<unsigned>(p.nheads);
+  const int64_t b = bh / static_cast<unsigned>(p.nheads);
+  const int64_t g = h / (p.nheads / p.ngroups);
+  const int lane = threadIdx.x & (lanes - 1);
+  const int slots = blockDim.x / lanes;  // rows a block updates at once
+  const int64_t i0 = static_cast<int64_t>(tile) * slots * rows_per_thread + threadIdx.x / lanes;
   // The shuffles of a row stay among its own lanes.
   const int warp_lane = threadIdx.x % 32;
   const unsigned row_mask =
       lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u) << (warp_lane / lanes * lanes);
-  const int64_t rows = p.batch * p.nheads * p.headdim;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / lanes) + threadIdx.x / lanes;
-  if (row >= rows) return;  // whole rows leave together: their lanes are contiguous
-  const int64_t i = row % p.headdim;
-  const int64_t h = row / p.headdim % p.nheads;
-  const int64_t b = row / (p.headdim * p.nheads);
-  const int64_t g = h / (p.nheads / p.ngroups);
-
-  auto* out = static_cast<input_t*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
-              i * p.out_headdim_stride;
-  const int64_t state_b = p.state_batch_indices ? p.state_batch_indices[b] : b;
-  if (state_b < 0 || state_b >= p.state_batch) {  // a padding slot: no state to update
-    if (lane == 0) *out = from_acc<input_t>(acc_t(0));
-    return;
-  }
-
-  acc_t dt = p.dt_is_float
-                 ? acc_t(static_cast<const float*>(p.dt)[b * p.dt_batch_stride +
-                                                         h * p.dt_head_stride +
-                                                         i * p.dt_headdim_stride])
-                 : to_acc(static_cast<const input_t*>(p.dt)[b * p.dt_batch_stride +
-                                                            h * p.dt_head_stride +
-                                                            i * p.dt_headdim_stride]);
-  if (p.dt_bias) {
-    dt += static_cast<const acc_t*>(p.dt_bias)[h * p.dt_bias_head_stride +
-                                               i * p.dt_bias_headdim_stride];
-  }
-  if (p.dt_softplus) dt = softplus(dt);
-  const acc_t x = to_acc(static_cast<const input_t*>(
-      p.x)[b * p.x_batch_stride + h * p.x_head_stride + i * p.x_headdim_stride]);
-  const acc_t dt_x = dt * x;
-
-  state_t* state = static_cast<state_t*>(p.state) + state_b * p.state_batch_stride +
-                   h * p.state_head_stride + i * p.state_headdim_stride;  // (dstate,)
-  const acc_t* A = static_cast<const acc_t*>(p.A) + h * p.A_head_stride +
-                   i * p.A_headdim_stride;  // (dstate,)
-  const input_t* B = static_cast<const input_t*>(p.B) + b * p.B_batch_stride +
-                     g * p.B_group_stride;  // (dstate,)
-  const input_t* C = static_cast<const input_t*>(p.C) + b * p.C_batch_stride +
-                     g * p.C_group_stride;  // (dstate,)
-
-  // Entry n0(chunk) + e of the row, for the lane's chunks; chunks past dstate are off.
+  const auto row_of = [&](int k) { return i0 + static_cast<int64_t>(k) * slots; };
+  const auto active = [&](int k) { return k < rows_per_thread && row_of(k) < p.headdim; };
+  // Entry chunk_start(chunk) + e of the row, for the lane's chunks; chunks past dstate are off.
   const auto chunk_start = [&](int chunk) {
     return (static_cast<int64_t>(chunk) * lanes + lane) * kElts;
   };
-  Vec<state_t> s[kChunks];
+
+  // Stores the lane's entries of one row (dstate,) of stride `stride` (1 when kVec).
+  const auto store_row = [&](state_t* row, int64_t stride, const acc_t(&values)[kChunks * kElts]) {
 #pragma unroll
-  for (int chunk = 0; chunk < kChunks; ++chunk) {
-    const int64_t n0 = chunk_start(chunk);
-    if constexpr (kVecState) {
-      if (n0 < p.dstate) s[chunk] = *reinterpret_cast<const Vec<state_t>*>(state + n0);
-    } else {
+    for (int chunk = 0; chunk < kChunks; ++chunk) {
+      const int64_t n0 = chunk_start(chunk);
+      if (n0 >= p.dstate) continue;
+      if constexpr (kVec) {
+        Vec<state_t> v;
 #pragma unroll
-      for (int e = 0; e < kElts; ++e) {
-        if (n0 + e < p.dstate) s[chunk].v[e] = state[(n0 + e) * p.state_dstate_stride];
+        for (int e = 0; e < kElts; ++e) v.v[e] = from_acc<state_t>(values[chunk * kElts + e]);
+        store_stream(reinterpret_cast<Vec<state_t>*>(row + n0), v);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kElts; ++e) {
+          if (n0 + e < p.dstate) row[(n0 + e) * stride] = from_acc<state_t>(values[chunk * kElts + e]);
+        }
+      }
+    }
+  };
+
+  auto* out = static_cast<input_t*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
+  const int64_t state_b = p.state_batch_indices ? p.state_batch_indices[b] : b;
+  if (state_b < 0 || state_b >= p.state_batch) {  // a padding slot: no state to update
+    if (lane == 0) {
+      for (int k = 0; k < kMaxRows; ++k) {
+        if (!active(k)) continue;
+        for (int64_t t = 0; t < p.seqlen; ++t) {
+          out[t * p.out_seq_stride + row_of(k) * p.out_headdim_stride] = from_acc<input_t>(acc_t(0));
+        }
+      }
+    }
+    return;
+  }
+  const int64_t inter_b = p.inter_indices ? p.inter_indices[b] : b;
+  state_t* inter = p.inter != nullptr && inter_b >= 0 && inter_b < p.inter_batch
+                       ? static_cast<state_t*>(p.inter) + inter_b * p.inter_batch_stride +
+                             h * p.inter_head_stride
+                       : nullptr;  // (seqlen, headdim, dstate)
+  state_t* state = static_cast<state_t*>(p.state) + state_b * p.state_batch_stride +
+                   h * p.state_head_stride;  // (headdim, dstate)
+
+  // The state of the thread's rows, all loads issued before any is used.
+  acc_t s[kMaxRows][kRowElts];
+#pragma unroll
+  for (int k = 0; k < kMaxRows; ++k) {
+    if (!active(k)) continue;
+    const state_t* row = state + row_of(k) * p.state_headdim_stride;  // (dstate,)
+#pragma unroll
+    for (int chunk = 0; chunk < kChunks; ++chunk) {
+      const int64_t n0 = chunk_start(chunk);
+      if (n0 >= p.dstate) continue;
+      if constexpr (kVec) {
+        const Vec<state_t> v =
+            load_vec<state_t, true>(reinterpret_cast<const Vec<state_t>*>(row + n0));
+#pragma unroll
+        for (int e = 0; e < kElts; ++e) s[k][chunk * kElts + e] = to_acc(v.v[e]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kElts; ++e) {
+          if (n0 + e < p.dstate) s[k][chunk * kElts + e] = to_acc(row[(n0 + e) * p.state_dstate_stride]);
+        }
       }
     }
   }
-  acc_t y = 0;
+
+  const auto* A = static_cast<const acc_t*>(p.A) + h * p.A_head_stride;  // (headdim, dstate)
+  const bool scalar_A = p.A_dstate_stride == 0;  // Mamba-2: one decay per row and token
+  for (int64_t t = 0; t < p.seqlen; ++t) {
+    // B and C of the token at the lane's columns, shared by all its rows.
+    const input_t* B = static_cast<const input_t*>(p.B) + b * p.B_batch_stride +
+                       t * p.B_seq_stride + g * p.B_group_stride;  // (dstate,)
+    const input_t* C = static_cast<const input_t*>(p.C) + b * p.C_batch_stride +
+                       t * p.C_seq_stride + g * p.C_group_stride;  // (dstate,)
+    acc_t B_val[kRowElts], C_val[kRowElts];
 #pragma unroll
-  for (int chunk = 0; chunk < kChunks; ++chunk) {
+    for (int chunk = 0; chunk < kChunks; ++chunk) {
+      const int64_t n0 = chunk_start(chunk);
+      if (n0 >= p.dstate) continue;
+      if constexpr (kVec) {
+        const Vec<input_t> vb = load_vec<input_t, false>(reinterpret_cast<const Vec<input_t>*>(B + n0));
+        const Vec<input_t> vc = load_vec<input_t, false>(reinterpret_cast<const Vec<input_t>*>(C + n0));
 #pragma unroll
-    for (int e = 0; e < kElts; ++e) {
-      const int64_t n = chunk_start(chunk) + e;
-      if (n >= p.dstate) continue;
-      const acc_t decay = exp_fast(A[n * p.A_dstate_stride] * dt);
-      const acc_t updated =
-          to_acc(s[chunk].v[e]) * decay + to_acc(B[n * p.B_dstate_stride]) * dt_x;
-      s[chunk].v[e] = from_acc<state_t>(updated);
-      y += updated * to_acc(C[n * p.C_dstate_stride]);
+        for (int e = 0; e < kElts; ++e) {
+          B_val[chunk * kElts + e] = to_acc(vb.v[e]);
+          C_val[chunk * kElts + e] = to_acc(vc.v[e]);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < kElts; ++e) {
+          if (n0 + e >= p.dstate) continue;
+          B_val[chunk * kElts + e] = to_acc(load_input(B + (n0 + e) * p.B_dstate_stride));
+          C_val[chunk * kElts + e] = to_acc(load_input(C + (n0 + e) * p.C_dstate_stride));
+        }
+      }
     }
-  }
+    // The per-row scalars of the token, loaded together before any store.
+    acc_t dt[kMaxRows], x[kMaxRows], z[kMaxRows], D[kMaxRows], A0[kMaxRows];
 #pragma unroll
-  for (int chunk = 0; chunk < kChunks; ++chunk) {
-    const int64_t n0 = chunk_start(chunk);
-    if constexpr (kVecState) {
-      if (n0 < p.dstate) *reinterpret_cast<Vec<state_t>*>(state + n0) = s[chunk];
-    } else {
+    for (int k = 0; k < kMaxRows; ++k) {
+      if (!active(k)) continue;
+      const int64_t i = row_of(k);
+      const int64_t dt_offset = b * p.dt_batch_stride + t * p.dt_seq_stride +
+                                h * p.dt_head_stride + i * p.dt_headdim_stride;
+      dt[k] = p.dt_is_float ? load_input(static_cast<const float*>(p.dt) + dt_offset)
+                            : to_acc(load_input(static_cast<const input_t*>(p.dt) + dt_offset));
+      if (p.dt_bias) {
+        dt[k] += load_input(static_cast<const acc_t*>(p.dt_bias) + h * p.dt_bias_head_stride +
+                            i * p.dt_bias_headdim_stride);
+      }
+      x[k] = to_acc(load_input(static_cast<const input_t*>(p.x) + b * p.x_batch_stride +
+                               t * p.x_seq_stride + h * p.x_head_stride +
+                               i * p.x_headdim_stride));
+      z[k] = p.z ? to_acc(load_input(static_cast<const input_t*>(p.z) + b * p.z_batch_stride +
+                                     t * p.z_seq_stride + h * p.z_head_stride +
+                                     i * p.z_headdim_stride))
+                 : acc_t(0);
+      D[k] = p.D ? load_input(static_cast<const acc_t*>(p.D) + h * p.D_head_stride +
+                              i * p.D_headdim_stride)
+                 : acc_t(0);
+      A0[k] = scalar_A ? load_input(A + i * p.A_headdim_stride) : acc_t(0);
+    }
 #pragma unroll
-      for (int e = 0; e < kElts; ++e) {
-        if (n0 + e < p.dstate) state[(n0 + e) * p.state_dstate_stride] = s[chunk].v[e];
+    for (int k = 0; k < kMaxRows; ++k) {
+      if (!active(k)) continue;  // the same for all lanes of a row: its shuffles stay whole
+      const int64_t i = row_of(k);
+      const acc_t dt_k = p.dt_softplus ? softplus(dt[k]) : dt[k];
+      const acc_t dt_x = dt_k * x[k];
+      const acc_t decay_row = exp_fast(A0[k] * dt_k);  // used when scalar_A
+      const acc_t* A_row = A + i * p.A_headdim_stride;  // (dstate,)
+      acc_t y = 0;
+#pragma unroll
+      for (int chunk = 0; chunk < kChunks; ++chunk) {
+#pragma unroll
+        for (int e = 0; e < kElts; ++e) {
+          const int64_t n = chunk_start(chunk) + e;
+          if (n >= p.dstate) continue;
+          const acc_t decay =
+              scalar_A ? decay_row : exp_fast(load_input(A_row + n * p.A_dstate_stride) * dt_k);
+          acc_t& state_n = s[k][chunk * kElts + e];
+          state_n = state_n * decay + B_val[chunk * kElts + e] * dt_x;
+          y += state_n * C_val[chunk * kElts + e];
+        }
+      }
+      if (inter != nullptr) {  // the state after this token, for a rollback
+        store_row(inter + t * p.inter_seq_stride + i * p.inter_headdim_stride,
+                  p.inter_dstate_stride, s[k]);
+      }
+      for (int offset = lanes / 2; offset > 0; offset /= 2) {
+        y += __shfl_xor_sync(row_mask, y, offset, lanes);
+      }
+      if (lane == 0) {
+        y += D[k] * x[k];
+        if (p.z) y *= silu(z[k]);
+        out[t * p.out_seq_stride + i * p.out_headdim_stride] = from_acc<input_t>(y);
       }
     }
   }
-  for (int offset = lanes / 2; offset > 0; offset /= 2) {
-    y += __shfl_xor_sync(row_mask, y, offset, lanes);
+
+  if (!p.update_state) return;
+#pragma unroll
+  for (int k = 0; k < kMaxRows; ++k) {
+    if (active(k)) store_row(state + row_of(k) * p.state_headdim_stride, p.state_dstate_stride, s[k]);
   }
-  if (lane != 0) return;
-  if (p.D) {
-    y += static_cast<const acc_t*>(p.D)[h * p.D_head_stride + i * p.D_headdim_stride] * x;
+}
+
+inline bool aligned(const void* ptr, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+// Streaming multiprocessors of the current device, read once per device.
+inline int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static int counts[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 132;
+  if (counts[device] == 0) {
+    int count = 0;
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    counts[device] = count > 0 ? count : 132;
   }
-  if (p.z) {
-    y *= silu(to_acc(static_cast<const input_t*>(
-        p.z)[b * p.z_batch_stride + h * p.z_head_stride + i * p.z_headdim_stride]));
-  }
-  *out = from_acc<input_t>(y);
+  return counts[device];
 }
 
 }  // namespace state_update_cuda
@@ -153,20 +309,59 @@ template <typename input_t, typename state_t>
 cudaError_t selective_state_update_cuda(const SelectiveStateUpdateParams& p,
                                         cudaStream_t stream) {
   using namespace state_update_cuda;
-  const int64_t rows = p.batch * p.nheads * p.headdim;
-  if (rows == 0) return cudaSuccess;
-  const int lanes = lanes_for(p.dstate);
-  const int64_t blocks = (rows + kThreads / lanes - 1) / (kThreads / lanes);
-  const bool vec_state = p.state_dstate_stride == 1 && p.dstate % kElts == 0 &&
-                         reinterpret_cast<uintptr_t>(p.state) % sizeof(Vec<state_t>) == 0 &&
-                         p.state_batch_stride % kElts == 0 && p.state_head_stride % kElts == 0 &&
-                         p.state_headdim_stride % kElts == 0;
-  if (vec_state) {
-    selective_state_update_kernel<input_t, state_t, true>
-        <<<blocks, kThreads, 0, stream>>>(p, lanes);
+  if (p.batch * p.nheads * p.headdim == 0 || p.seqlen == 0) return cudaSuccess;
+  int lanes = lanes_for(p.dstate);
+  int rows_per_thread = kMaxRows;
+  // A tuning knob for benchmarks: MAMBA_EXT_STATE_UPDATE_TUNE="lanes,rows" (lanes a power of two
+  // from lanes_for(dstate) to 32, rows in 1..kMaxRows) replaces the heuristic below.
+  int tuned_lanes = 0, tuned_rows = 0;
+  if (const char* tune = std::getenv("MAMBA_EXT_STATE_UPDATE_TUNE")) {
+    if (std::sscanf(tune, "%d,%d", &tuned_lanes, &tuned_rows) != 2 || tuned_lanes < lanes ||
+        tuned_lanes > kMaxLanes || (tuned_lanes & (tuned_lanes - 1)) != 0 || tuned_rows < 1 ||
+        tuned_rows > kMaxRows) {
+      tuned_lanes = tuned_rows = 0;
+    }
+  }
+  if (tuned_lanes > 0) lanes = tuned_lanes;
+  // Row slots of a block: at most kMaxThreads / lanes, fewer for a short head.
+  int slots = 1;
+  while (slots * lanes < kMaxThreads && slots < p.headdim) slots *= 2;
+  const auto blocks_for = [&](int rows) {
+    const int64_t tile_rows = static_cast<int64_t>(slots) * rows;
+    return p.batch * p.nheads * ((p.headdim + tile_rows - 1) / tile_rows);
+  };
+  // Rows per thread: as many as keep two blocks per SM (more rows per thread put more loads in
+  // flight and share B and C wider, but a small batch then leaves SMs idle).
+  while (rows_per_thread > 1 && (static_cast<int64_t>(slots) * (rows_per_thread / 2) >= p.headdim ||
+                                 blocks_for(rows_per_thread) < 2 * sm_count())) {
+    rows_per_thread /= 2;
+  }
+  if (tuned_rows > 0) rows_per_thread = tuned_rows;
+  const int64_t tile_rows = static_cast<int64_t>(slots) * rows_per_thread;
+  const int64_t tiles = (p.headdim + tile_rows - 1) / tile_rows;
+  const int64_t blocks = blocks_for(rows_per_thread);
+  if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;  // the block index is 32-bit
+  const bool vec = p.state_dstate_stride == 1 && p.dstate % kElts == 0 &&
+                   aligned(p.state, sizeof(Vec<state_t>)) && p.state_batch_stride % kElts == 0 &&
+                   p.state_head_stride % kElts == 0 && p.state_headdim_stride % kElts == 0 &&
+                   p.B_dstate_stride == 1 && p.C_dstate_stride == 1 &&
+                   aligned(p.B, sizeof(Vec<input_t>)) && aligned(p.C, sizeof(Vec<input_t>)) &&
+                   p.B_batch_stride % kElts == 0 && p.B_seq_stride % kElts == 0 &&
+                   p.B_group_stride % kElts == 0 && p.C_batch_stride % kElts == 0 &&
+                   p.C_seq_stride % kElts == 0 && p.C_group_stride % kElts == 0 &&
+                   (p.inter == nullptr ||
+                    (p.inter_dstate_stride == 1 && aligned(p.inter, sizeof(Vec<state_t>)) &&
+                     p.inter_batch_stride % kElts == 0 && p.inter_seq_stride % kElts == 0 &&
+                     p.inter_head_stride % kElts == 0 && p.inter_headdim_stride % kElts == 0));
+  const int threads = slots * lanes;
+  const auto launch = [&](auto kernel) {
+    kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+        p, lanes, rows_per_thread, static_cast<unsigned>(tiles));
+  };
+  if (vec) {
+    launch(selective_state_update_kernel<input_t, state_t, true>);
   } else {
-    selective_state_update_kernel<input_t, state_t, false>
-        <<<blocks, kThreads, 0, stream>>>(p, lanes);
+    launch(selective_state_update_kernel<input_t, state_t, false>);
   }
   return cudaGetLastError();
 }

@@ -3,9 +3,14 @@
 // function per op serves the CPU and the CUDA kernels: they share every check and the params.
 #include <ATen/ATen.h>
 #include <ATen/DeviceGuard.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <tuple>
+#include <utility>
 
 #ifdef MAMBA_EXT_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -336,7 +341,37 @@ at::Tensor causal_conv1d_update_op(const at::Tensor& x, const at::Tensor& conv_s
 #endif
     causal_conv1d_update_cpu<input_t>(params);
   });
+  // Records the in-place update as ATen's in-place ops do, so that autograd refuses a backward
+  // that saved the old conv_state. (Inference tensors have no version counter.)
+  if (!conv_state.is_inference()) conv_state.unsafeGetTensorImpl()->bump_version();
   return out;
+}
+
+// The update is a decode step with no backward (and torch.library.register_autograd refuses ops
+// that mutate an input). Under grad mode an input that requires grad is refused, rather than
+// PyTorch's default for a custom op without an autograd kernel: a warning and None gradients.
+// Otherwise the op runs below autograd.
+at::Tensor causal_conv1d_update_autograd_op(const at::Tensor& x, const at::Tensor& conv_state,
+                                            const at::Tensor& weight,
+                                            const c10::optional<at::Tensor>& bias,
+                                            const c10::optional<at::Tensor>& cache_seqlens,
+                                            const c10::optional<at::Tensor>& conv_state_indices,
+                                            bool silu) {
+  if (at::GradMode::is_enabled()) {
+    const std::initializer_list<std::pair<const char*, const at::Tensor*>> named_tensors{
+        {"x", &x}, {"conv_state", &conv_state}, {"weight", &weight}, {"bias", opt_ptr(bias)}};
+    for (const auto& [name, t] : named_tensors) {
+      TORCH_CHECK_VALUE(t == nullptr || !t->requires_grad(), kUpdateOp, ": ", name,
+                        " must not require grad (a decode step has no backward: call it under "
+                        "torch.no_grad() or torch.inference_mode()), got a tensor that requires "
+                        "grad");
+    }
+  }
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mamba_ext::causal_conv1d_update", "")
+                             .typed<decltype(causal_conv1d_update_autograd_op)>();
+  return op.call(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, silu);
 }
 
 }  // namespace
@@ -355,3 +390,7 @@ TORCH_LIBRARY_IMPL(mamba_ext, CUDA, m) {
   m.impl("causal_conv1d_update", &mamba_ext::causal_conv1d_update_op);
 }
 #endif
+
+TORCH_LIBRARY_IMPL(mamba_ext, Autograd, m) {
+  m.impl("causal_conv1d_update", &mamba_ext::causal_conv1d_update_autograd_op);
+}

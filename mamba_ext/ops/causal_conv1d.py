@@ -50,8 +50,10 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
                          conv_state_indices=None):
     """One decode step (or several tokens) against a rolling conv_state, causal-conv1d's
-    causal_conv1d_update. Updates conv_state in place. It has no autograd: it is for decoding,
-    and torch.library refuses an autograd formula for an op that mutates an input.
+    causal_conv1d_update. Updates conv_state in place. It has no backward: it is for decoding
+    (and torch.library refuses an autograd formula for an op that mutates an input), so under
+    grad mode an input that requires grad raises a ValueError; call it under torch.no_grad() or
+    torch.inference_mode().
 
     x: (batch, dim) or (batch, dim, seqlen), the new tokens.
     conv_state: (state_batch, dim, state_len) in x's dtype, state_len >= width - 1.
@@ -98,7 +100,8 @@ def _causal_conv1d_bwd_fake(dout, dfinal_states, x, weight, bias, seq_idx, initi
 
 
 # No register_autograd for the update: torch.library raises "Cannot register autograd formula for
-# non-functional operator" on an op with a mutable argument (conv_state).
+# non-functional operator" on an op with a mutable argument (conv_state). Its Autograd kernel, in
+# csrc/causal_conv1d/causal_conv1d.cpp, refuses inputs that require grad.
 @torch.library.register_fake("mamba_ext::causal_conv1d_update")
 def _causal_conv1d_update_fake(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
                                silu):

@@ -349,6 +349,37 @@ def test_opcheck_update(device):
         torch.library.opcheck(torch.ops.mamba_ext.causal_conv1d_update.default, args)
 
 
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("name", ["x", "conv_state", "weight", "bias"])
+def test_update_refuses_inputs_that_require_grad(name, device):
+    """No backward: under grad mode an input that requires grad is refused (PyTorch's default for
+    a custom op would warn and return None gradients); under no_grad the same call runs. The
+    state's version counter records the update, so a backward that saved the old state refuses
+    to run."""
+    inputs = make_update_inputs((None, 4, 0, False, False, "contiguous"), torch.float32,
+                                torch.float32, device)
+    with_grad = {**inputs, name: inputs[name].clone().requires_grad_()}
+    with pytest.raises(ValueError,
+                       match=f"causal_conv1d_update: {name} must not require grad"):
+        causal_conv1d_update(**with_grad)
+    with torch.no_grad():
+        out = causal_conv1d_update(**{**with_grad, "conv_state": inputs["conv_state"].clone()})
+    assert not out.requires_grad
+    # A tensor computed from one that requires grad is refused too.
+    scale = torch.ones((), device=device, requires_grad=True)
+    with pytest.raises(ValueError,
+                       match=f"causal_conv1d_update: {name} must not require grad"):
+        causal_conv1d_update(**{**inputs, name: inputs[name] * scale})
+
+    conv_state = inputs["conv_state"]
+    loss = (scale * conv_state).sum()  # saves the state for its backward
+    version = conv_state._version
+    causal_conv1d_update(**inputs)
+    assert conv_state._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def conv_then_decode(x, weight, bias, token, conv_state):
     out, final_states = causal_conv1d_fn(x, weight, bias, return_final_states=True,
                                          activation="silu")

@@ -8,9 +8,11 @@
 // of dweight and dbias to a row of dweight_partials; a second kernel adds the rows in a fixed
 // order, so the result is the same from run to run (no float atomics).
 //
-// Contiguous x: the forward's tiles (ContiguousTraits); a vector's dz of the kHalo tokens after
-// it comes from the right lane by a shuffle, for lane 31 from its own next vector or, after its
-// last, computed from the x and dout of those tokens, which it loads itself. Channel-last x: a
+// Contiguous x: a warp sweeps a tile of a row step by step (ContiguousBwdTraits), a vector a lane,
+// the next step's x and dout loading while this one computes. A vector's dx needs the dz of the
+// kHalo tokens after it, the head of the right lane's vector (for lane 31, of lane 0's next
+// one): a step computes its dz, then completes the dx of the step before. After the last step,
+// lane 31 computes the dz of the tokens after the tile from their x and dout. Channel-last x: a
 // warp of threads side by side along channels sweeps a run of tokens with a window of x and of
 // dz (ChannelsInnerTraits).
 #pragma once
@@ -56,175 +58,290 @@ __device__ __forceinline__ acc_t dz_of_token(const Taps<acc_t>& taps, const acc_
   return zero_unless(!padding, dy * activation_grad<kSilu>(taps.conv(x, on)));
 }
 
+// What a step of the contiguous backward keeps of one lane's vector: x and dout as loaded (the
+// next step's are loaded into the other step's while this one computes), its tokens' dz, the dz
+// of the first kHalo tokens of the next lane's vector (the right halo of its dx), its masks.
+template <typename Traits> struct BwdStep {
+  using input_t = typename Traits::input_t;
+  using acc_t = typename Traits::acc_t;
+  alignas(16) input_t x[Traits::kNElts];
+  alignas(16) input_t dy[Traits::kNElts];
+  acc_t dz[Traits::kNElts];
+  acc_t dz_right[kHalo];  // from lane + 1; lane 31 has lane 0's, the head of its next vector
+  TokenMasks masks;
+};
+
+// The words of the last kTailElts elements of vec, from lane src (shuffled as 32-bit words, so
+// that 16-bit types take 2 shuffles for the 3 halo tokens).
+template <typename Traits>
+__device__ __forceinline__ void shfl_tail(const typename Traits::input_t (&vec)[Traits::kNElts],
+                                          int src, uint32_t (&words)[Traits::kTailWords]) {
+  memcpy(words, &vec[Traits::kNElts - Traits::kTailElts], sizeof(words));
+#pragma unroll
+  for (int i = 0; i < Traits::kTailWords; ++i) words[i] = __shfl_sync(kFullMask, words[i], src);
+}
+
 template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
 __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& params) {
   using Traits = ContiguousBwdTraits<input_t>;
   using acc_t = typename Traits::acc_t;
-  constexpr int kNElts = Traits::kNElts, kNVecs = Traits::kNVecs;
-  const ContiguousThread<Traits> thread(params);
-  const int64_t b = thread.b, d = thread.d;
-  const int lane = thread.lane;
+  using Step = BwdStep<Traits>;
+  constexpr int kNElts = Traits::kNElts, kTailElts = Traits::kTailElts;
+  constexpr int kTailWords = Traits::kTailWords;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // The warp's tile: (b * dim + d) * ntiles + tile. 32-bit division where it fits.
+  const int64_t ntiles = ceil_div(params.seqlen, Traits::kTileTokens);
+  const int64_t n_warp_tiles = params.batch * params.dim * ntiles;
+  const int64_t warp_tile = int64_t(blockIdx.x) * Traits::kNWarps + warp;
+  if (warp_tile >= n_warp_tiles) return;  // the whole warp: no block-wide sync follows
+  int64_t b, d, tile;
+  if (n_warp_tiles <= 0xffffffffll) {
+    const unsigned row = unsigned(warp_tile) / unsigned(ntiles);
+    tile = unsigned(warp_tile) % unsigned(ntiles);
+    b = row / unsigned(params.dim), d = row % unsigned(params.dim);
+  } else {
+    const int64_t row = warp_tile / ntiles;
+    tile = warp_tile % ntiles;
+    b = row / params.dim, d = row % params.dim;
+  }
+  const int64_t warp_t0 = tile * Traits::kTileTokens;
+  const int64_t lane_t0 = warp_t0 + lane * kNElts;
+  // Steps with tokens. A tile the row ends in runs one more step, and an even count (its tokens
+  // all past seqlen: dz 0, nothing stored), whose dz completes the dx of the last real one; a
+  // full tile's last step ends in the steps[1] the epilogue completes.
+  const int n_steps = int(min(int64_t(Traits::kNSteps),
+                              ceil_div(params.seqlen - warp_t0, Traits::kStepTokens)));
+  const bool full_tile = n_steps == Traits::kNSteps;
+  const int n_run = full_tile ? n_steps : (n_steps + 2) / 2 * 2;
   Taps<acc_t> taps;
   taps.load(params, d);
+  const input_t* x = static_cast<const input_t*>(params.x) + b * params.x_batch_stride +
+                     d * params.x_dim_stride;
   const input_t* dout = static_cast<const input_t*>(params.dout) + b * params.dout_batch_stride +
                         d * params.dout_dim_stride;
-
-  // Lane 31 computes the dz of the kHalo tokens after the warp's itself: their x and dout,
-  // issued first so that they are in flight with the vectors.
-  const int64_t warp_end = thread.warp_t0 + Traits::kWarpTokens;
-  acc_t x_after[kHalo] = {}, dy_after[kHalo] = {};
-  if (lane == 31) {
-    const input_t* x = static_cast<const input_t*>(params.x) + b * params.x_batch_stride +
-                       d * params.x_dim_stride;
-    if (warp_end + kHalo <= params.seqlen) {  // inside the row
-#pragma unroll
-      for (int i = 0; i < kHalo; ++i) {
-        x_after[i] = to_acc(x[(warp_end + i) * params.x_seqlen_stride]);
-        dy_after[i] = to_acc(dout[(warp_end + i) * params.dout_seqlen_stride]);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kHalo; ++i) {
-        if (warp_end + i >= params.seqlen) break;
-        x_after[i] = to_acc(x[(warp_end + i) * params.x_seqlen_stride]);
-        dy_after[i] = to_acc(dout[(warp_end + i) * params.dout_seqlen_stride]);
-      }
-    }
-  }
-  input_t dy[kNVecs][kNElts];  // (vector, tokens), as loaded
-  load_vectors<kVectorized>(dout, params.dout_seqlen_stride, thread.t0, params.seqlen, dy);
-  XWindows<Traits> xs;
-  xs.template load<kVectorized>(params, thread);
-
-  // Which taps are on, by token (reads) and by position (read_by): the width's alone without
-  // seq_idx, the same for every token.
-  TokenMasks masks[kNVecs];
-#pragma unroll
-  for (int u = 0; u < kNVecs; ++u) {
-    masks[u] = kMasked ? token_masks<kNElts>(params, taps, b, thread.vector_t0(u))
-                       : TokenMasks{repeat_bits<kNElts>(taps.width_bits),
-                                    repeat_bits<kNElts>(taps.width_bits), 0u};
-  }
-  const auto reads = [&](int u, int e) {
-    return kMasked ? bits_of(masks[u].reads, e) : taps.width_bits;
-  };
-  const auto read_by = [&](int u, int e) {
-    return kMasked ? bits_of(masks[u].read_by, e) : taps.width_bits;
-  };
-  const auto padding = [&](int u, int e) { return kMasked && (masks[u].padding >> e & 1u); };
-
-  // dz[u]: the tokens of vector u, then the kHalo tokens after it.
-  acc_t dz[kNVecs][kNElts + kHalo];
-#pragma unroll
-  for (int u = 0; u < kNVecs; ++u) {
-#pragma unroll
-    for (int e = 0; e < kNElts; ++e) {
-      acc_t x[kMaxWidth];
-      xs.taps_of(u, e, x);
-      dz[u][e] = dz_of_token<kSilu>(taps, x, reads(u, e), padding(u, e), to_acc(dy[u][e]));
-    }
-  }
-  acc_t dz_after[kHalo] = {};
-  if (lane == 31) {
-    const TokenMasks after =
-        kMasked ? token_masks<kHalo>(params, taps, b, warp_end)
-                : TokenMasks{repeat_bits<kHalo>(taps.width_bits), 0u, 0u};
-#pragma unroll
-    for (int i = 0; i < kHalo; ++i) {
-      acc_t x[kMaxWidth];
-#pragma unroll
-      for (int k = 0; k < kMaxWidth; ++k)
-        x[k] = i + k < kHalo ? xs.at(kNVecs - 1, kNElts + i + k) : x_after[i + k - kHalo];
-      dz_after[i] = dz_of_token<kSilu>(taps, x, bits_of(after.reads, i),
-                                       after.padding >> i & 1u, dy_after[i]);
-    }
-  }
-  // The right halo: the head of the next vector, the right lane's or, for lane 31, its own next.
-#pragma unroll
-  for (int u = 0; u < kNVecs; ++u) {
-#pragma unroll
-    for (int i = 0; i < kHalo; ++i) {
-      const acc_t from_right = __shfl_down_sync(kFullMask, dz[u][i], 1);
-      const acc_t from_next =
-          u + 1 < kNVecs ? __shfl_sync(kFullMask, dz[u + 1 < kNVecs ? u + 1 : u][i], 0)
-                         : dz_after[i];
-      dz[u][kNElts + i] = lane < 31 ? from_right : from_next;
-    }
-  }
-
-  // A vector's dx is computed where it is stored, so that only one vector of it is live.
-  acc_t sums[kNSums] = {};  // dw[0..kMaxWidth), dbias
-  const bool has_dfinal = dfinal_before(params, thread.vector_t0(kNVecs - 1) + kNElts);
   input_t* dx = static_cast<input_t*>(params.dx) + b * params.dx_batch_stride +
                 d * params.dx_dim_stride;
-  for_each_vector<kNVecs, kNElts>(thread.t0, params.seqlen, [&](int u, int64_t t, int n_valid) {
+  // A vectorized row has stride 1: said outright, so that the compiler keeps no offsets of
+  // i * stride in registers for the elementwise path of a row's last vector (it hoists them out
+  // of the step loop).
+  const int64_t x_stride = kVectorized ? 1 : params.x_seqlen_stride;
+  const int64_t dout_stride = kVectorized ? 1 : params.dout_seqlen_stride;
+  const int64_t dx_stride = kVectorized ? 1 : params.dx_seqlen_stride;
+  // dfinal_states at the last kHalo positions of the row (0 where it does not reach), so that
+  // the steps need neither b nor d for it.
+  acc_t dfinal_tail[kHalo];
+#pragma unroll
+  for (int i = 0; i < kHalo; ++i)
+    dfinal_tail[i] = dfinal_at<input_t>(params, b, d, params.seqlen - kHalo + i);
+
+  const auto load_step = [&](int s, Step& v) {
+    const int64_t t = lane_t0 + int64_t(s) * Traits::kStepTokens;
+    const int n_valid = count_in(params.seqlen - t, kNElts);  // zeros past seqlen: dz 0 there
+    load_raw<kVectorized>(x + t * x_stride, x_stride, n_valid, v.x);
+    load_raw<kVectorized>(dout + t * dout_stride, dout_stride,
+                          n_valid, v.dy);
+  };
+  Step steps[2];
+  load_step(0, steps[0]);
+  // Lane 0's left halo of the next step: the tail of lane 31's vector of this one, as words. At
+  // step 0 the tokens before the tile (x_at's rules: initial_states or 0 before the row).
+  uint32_t carry[kTailWords];
+  {
+    alignas(4) input_t before[kTailElts];
+#pragma unroll
+    for (int i = 0; i < kTailElts; ++i)
+      before[i] = from_acc<input_t>(x_at<input_t>(params, b, d, warp_t0 - kTailElts + i));
+    memcpy(carry, before, sizeof(carry));
+  }
+
+  const auto reads = [&](const TokenMasks& m, int e) {
+    return kMasked ? bits_of(m.reads, e) : taps.width_bits;
+  };
+  const auto padding = [&](const TokenMasks& m, int e) {
+    return kMasked && (m.padding >> e & 1u);
+  };
+  // dx of the vector of step s (its dz and its right halo's complete), stored.
+  const auto emit_dx = [&](int s, const Step& v, const acc_t (&right)[kHalo]) {
+    const int64_t t = lane_t0 + int64_t(s) * Traits::kStepTokens;
+    acc_t dz[kNElts + kHalo];
+#pragma unroll
+    for (int e = 0; e < kNElts; ++e) dz[e] = v.dz[e];
+#pragma unroll
+    for (int i = 0; i < kHalo; ++i) dz[kNElts + i] = right[i];
     acc_t g[kNElts];
 #pragma unroll
     for (int e = 0; e < kNElts; ++e) {
       // Position t + e is read by tap k of token t + e + kHalo - k.
+      const unsigned read_by = kMasked ? bits_of(v.masks.read_by, e) : taps.width_bits;
       g[e] = 0;
 #pragma unroll
-      for (int k = 0; k < kMaxWidth; ++k) {
-        g[e] = (read_by(u, e) >> k & 1u) ? fma(taps.w[k], dz[u][e + kHalo - k], g[e]) : g[e];
-        sums[k] = (reads(u, e) >> k & 1u) ? fma(dz[u][e], xs.at(u, e + k), sums[k]) : sums[k];
-      }
-      sums[kMaxWidth] += dz[u][e];
-      if (has_dfinal) g[e] += dfinal_at<input_t>(params, b, d, t + e);
+      for (int k = 0; k < kMaxWidth; ++k)
+        g[e] = (read_by >> k & 1u) ? fma(taps.w[k], dz[e + kHalo - k], g[e]) : g[e];
     }
-    store_from_acc<kVectorized>(dx + t * params.dx_seqlen_stride, params.dx_seqlen_stride,
-                                n_valid, g);
-  });
-  // dinitial_states: the positions [-(width - 1), 0) before token 0, thread 0 of tile 0.
-  if (params.dinitial_states != nullptr && thread.tile == 0 && threadIdx.x == 0) {
+    const int64_t tail_t0 = params.seqlen - kHalo;  // the positions of dfinal_tail
+    if (t + kNElts > tail_t0) {
+#pragma unroll
+      for (int e = 0; e < kNElts; ++e) {
+#pragma unroll
+        for (int i = 0; i < kHalo; ++i) g[e] += t + e == tail_t0 + i ? dfinal_tail[i] : acc_t(0);
+      }
+    }
+    store_from_acc<kVectorized>(dx + t * dx_stride, dx_stride,
+                                count_in(params.seqlen - t, kNElts), g);
+  };
+
+  acc_t sums[kNSums] = {};  // dw[0..kMaxWidth), dbias
+  // The window of cur: the left halo (the left lane's tail; lane 0's from the step before),
+  // then the vector, in acc_t.
+  const auto window = [&](const Step& cur, acc_t (&xw)[kHalo + kNElts]) {
+    uint32_t left[kTailWords];
+    shfl_tail<Traits>(cur.x, (lane + 31) % 32, left);
+#pragma unroll
+    for (int i = 0; i < kTailWords; ++i) {
+      const uint32_t own = lane == 0 ? carry[i] : left[i];
+      carry[i] = left[i];  // lane 0's: lane 31's tail, the halo of its next vector
+      left[i] = own;
+    }
+    alignas(4) input_t halo[kTailElts];
+    memcpy(halo, left, sizeof(halo));
+#pragma unroll
+    for (int i = 0; i < kHalo; ++i) xw[i] = to_acc(halo[kTailElts - kHalo + i]);
+#pragma unroll
+    for (int e = 0; e < kNElts; ++e) xw[kHalo + e] = to_acc(cur.x[e]);
+  };
+  // Step s: cur holds its x and dout; prev the dz of step s - 1, whose dx this step completes,
+  // and then takes step s + 1's loads.
+  const auto step = [&](int s, Step& cur, Step& prev) {
+    if (s + 1 < n_run) load_step(s + 1, prev);  // zeros for the extra steps
+    acc_t xw[kHalo + kNElts];  // tokens [t - kHalo, t + kNElts)
+    window(cur, xw);
+    if constexpr (kMasked)
+      cur.masks = token_masks<kNElts>(params, taps, b, lane_t0 + int64_t(s) * Traits::kStepTokens);
+    const auto dz_token = [&](int e) {
+      const acc_t xe[kMaxWidth] = {xw[e], xw[e + 1], xw[e + 2], xw[e + 3]};
+      const unsigned on = reads(cur.masks, e);
+      const acc_t g = dz_of_token<kSilu>(taps, xe, on, padding(cur.masks, e), to_acc(cur.dy[e]));
+      cur.dz[e] = g;
+#pragma unroll
+      for (int k = 0; k < kMaxWidth; ++k)
+        sums[k] = (on >> k & 1u) ? fma(g, xe[k], sums[k]) : sums[k];
+      sums[kMaxWidth] += g;
+    };
+    // The head of the vector first: the right halo of the left lane's, which completes the dx of
+    // the step before, so that its dz need not stay live while the rest of this one is computed.
+#pragma unroll
+    for (int e = 0; e < kHalo; ++e) dz_token(e);
+#pragma unroll
+    for (int i = 0; i < kHalo; ++i)
+      cur.dz_right[i] = __shfl_sync(kFullMask, cur.dz[i], (lane + 1) % 32);
+    if (s > 0) {
+      acc_t right[kHalo];
+#pragma unroll
+      for (int i = 0; i < kHalo; ++i) right[i] = lane < 31 ? prev.dz_right[i] : cur.dz_right[i];
+      emit_dx(s - 1, prev, right);
+    }
+#pragma unroll
+    for (int e = kHalo; e < kNElts; ++e) dz_token(e);
+  };
+  // Two steps an iteration, the buffers swapping roles, so that they stay in registers.
+#pragma unroll 1
+  for (int s = 0; s < n_run; s += 2) {
+    step(s, steps[0], steps[1]);
+    step(s + 1, steps[1], steps[0]);
+  }
+  if (full_tile) {
+    // The last vector's right halo: for lane 31, the dz of the kHalo tokens after the tile (0
+    // past seqlen), from their x and dout and the last kHalo tokens of x before them.
+    const Step& last = steps[1];
+    const int64_t end = warp_t0 + Traits::kTileTokens;
+    const TokenMasks after = kMasked ? token_masks<kHalo>(params, taps, b, end)
+                                     : TokenMasks{repeat_bits<kHalo>(taps.width_bits), 0u, 0u};
+    acc_t xa[kHalo + kHalo], right[kHalo];
+#pragma unroll
+    for (int i = 0; i < kHalo; ++i) {
+      xa[i] = to_acc(last.x[kNElts - kHalo + i]);
+      xa[kHalo + i] = x_at<input_t>(params, b, d, end + i);
+    }
+#pragma unroll
+    for (int i = 0; i < kHalo; ++i) {
+      const acc_t dy = end + i < params.seqlen
+                           ? to_acc(dout[(end + i) * dout_stride]) : acc_t(0);
+      const acc_t xe[kMaxWidth] = {xa[i], xa[i + 1], xa[i + 2], xa[i + 3]};
+      const acc_t g = dz_of_token<kSilu>(taps, xe, bits_of(after.reads, i),
+                                         after.padding >> i & 1u, dy);
+      right[i] = lane < 31 ? last.dz_right[i] : g;
+    }
+    emit_dx(Traits::kNSteps - 1, last, right);
+  }
+  // dinitial_states: the positions [-(width - 1), 0) before token 0, lane 0 of tile 0, from the
+  // dz of tokens 0..kHalo - 1, recomputed.
+  if (params.dinitial_states != nullptr && tile == 0 && lane == 0) {
+    const TokenMasks head = kMasked ? token_masks<kHalo>(params, taps, b, 0)
+                                    : TokenMasks{repeat_bits<kHalo>(taps.width_bits), 0u, 0u};
     const unsigned before = kMasked ? token_masks<kHalo>(params, taps, b, -kHalo).read_by
                                     : repeat_bits<kHalo>(taps.width_bits);
+    acc_t xh[kHalo + kHalo], dz[kHalo];
 #pragma unroll
-    for (int s = -kHalo; s < 0; ++s) {
-      if (s < -(params.width - 1)) continue;
+    for (int i = 0; i < kHalo + kHalo; ++i) xh[i] = x_at<input_t>(params, b, d, i - kHalo);
+#pragma unroll
+    for (int i = 0; i < kHalo; ++i) {
+      const acc_t dy = i < params.seqlen ? to_acc(dout[i * dout_stride]) : acc_t(0);
+      const acc_t xe[kMaxWidth] = {xh[i], xh[i + 1], xh[i + 2], xh[i + 3]};
+      dz[i] = dz_of_token<kSilu>(taps, xe, bits_of(head.reads, i), head.padding >> i & 1u, dy);
+    }
+#pragma unroll
+    for (int p = -kHalo; p < 0; ++p) {
+      if (p < -(params.width - 1)) continue;
       acc_t g = 0;
 #pragma unroll
       for (int k = 0; k < kMaxWidth; ++k) {
-        const int j = s + kHalo - k;  // the token of tap k, dz[0][j]: token 0 on
-        if (j >= 0 && (bits_of(before, s + kHalo) >> k & 1u)) g = fma(taps.w[k], dz[0][j], g);
+        const int j = p + kHalo - k;  // the token of tap k
+        if (j >= 0 && (bits_of(before, p + kHalo) >> k & 1u)) g = fma(taps.w[k], dz[j], g);
       }
-      store_dinitial_state<input_t>(params, b, d, s, g + dfinal_at<input_t>(params, b, d, s));
+      store_dinitial_state<input_t>(params, b, d, p, g + dfinal_at<input_t>(params, b, d, p));
     }
   }
 
-  // The block's sums, in a fixed order: a butterfly within each warp, then the warps in turn.
-  __shared__ acc_t warp_sums[Traits::kNWarps][kNSums];
+  // The warp's sums (a butterfly, a fixed order), one row of dweight_partials.
 #pragma unroll
   for (int k = 0; k < kNSums; ++k) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2)
       sums[k] += __shfl_xor_sync(kFullMask, sums[k], offset);
-    if (lane == 0) warp_sums[thread.warp][k] = sums[k];
   }
-  __syncthreads();
-  if (threadIdx.x < kNSums) {
-    acc_t total = 0;
+  if (lane == 0) {
+    acc_t* partials = static_cast<acc_t*>(params.dweight_partials) +
+                      ((b * ntiles + tile) * params.dim + d) * kNSums;
 #pragma unroll
-    for (int w = 0; w < Traits::kNWarps; ++w) total += warp_sums[w][threadIdx.x];
-    static_cast<acc_t*>(params.dweight_partials)[
-        ((b * thread.ntiles + thread.tile) * params.dim + d) * kNSums + threadIdx.x] = total;
+    for (int k = 0; k < kNSums; ++k) partials[k] = sums[k];
   }
 }
 
-// Blocks a multiprocessor runs at once: left alone the compiler takes 96 registers for 16-bit types
-// (5 blocks) and 90 for fp32, and on an H100 the bf16 backward then reached only 1.9 TB/s, each
-// block computing for about as long as it waits for memory. More blocks hide more of it: at 6
-// (80 registers) 16-bit types spill 8 bytes, at 7 (72) fp32 none.
+// Blocks a multiprocessor runs at once: 5 (96 registers) for 16-bit and 32-bit types. The step
+// loop wants ~120 registers left alone (the next step's loads, the step before's dz, the window);
+// at 80 it spills inside the loop, at 96 only a few bytes outside it.
 template <typename input_t> constexpr int bwd_contiguous_min_blocks() {
-  return sizeof(input_t) == 2 ? 6 : (sizeof(input_t) == 4 ? 7 : 1);
+  return sizeof(input_t) <= 4 ? 5 : 1;
 }
 
-template <typename input_t, bool kVectorized>
+// A kernel per activation and masking (not with_flags' branches in one), so that the masked
+// variant's registers do not set the others'.
+template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
 __global__ void __launch_bounds__(ContiguousBwdTraits<input_t>::kNThreads,
                                   bwd_contiguous_min_blocks<input_t>())
     causal_conv1d_bwd_contiguous_kernel(const CausalConv1dBwdParams params) {
-  with_flags(params.silu, params.seq_idx != nullptr, [&](auto silu, auto masked) {
-    bwd_contiguous<input_t, kVectorized, decltype(silu)::value, decltype(masked)::value>(params);
-  });
+  bwd_contiguous<input_t, kVectorized, kSilu, kMasked>(params);
+}
+
+template <typename input_t, bool kVectorized>
+auto bwd_contiguous_kernel_for(const CausalConv1dBwdParams& params) {
+  const bool masked = params.seq_idx != nullptr;
+  if (params.silu) {
+    return masked ? causal_conv1d_bwd_contiguous_kernel<input_t, kVectorized, true, true>
+                  : causal_conv1d_bwd_contiguous_kernel<input_t, kVectorized, true, false>;
+  }
+  return masked ? causal_conv1d_bwd_contiguous_kernel<input_t, kVectorized, false, true>
+                : causal_conv1d_bwd_contiguous_kernel<input_t, kVectorized, false, false>;
 }
 
 template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
@@ -416,12 +533,12 @@ cudaError_t causal_conv1d_bwd_cuda(const CausalConv1dBwdParams& params, cudaStre
                           params);
   } else if (params.batch > 0) {
     using Traits = ContiguousBwdTraits<input_t>;
-    const int64_t blocks =
-        params.batch * params.dim * ceil_div(params.seqlen, Traits::kTileTokens);
+    const int64_t blocks = ceil_div(
+        params.batch * params.dim * ceil_div(params.seqlen, Traits::kTileTokens), Traits::kNWarps);
     error = launch_blocks(blocks, Traits::kNThreads, stream,
                           bwd_vectorizable<input_t, Traits::kNElts>(params, false)
-                              ? causal_conv1d_bwd_contiguous_kernel<input_t, true>
-                              : causal_conv1d_bwd_contiguous_kernel<input_t, false>,
+                              ? bwd_contiguous_kernel_for<input_t, true>(params)
+                              : bwd_contiguous_kernel_for<input_t, false>(params),
                           params);
   }
   if (error != cudaSuccess) return error;

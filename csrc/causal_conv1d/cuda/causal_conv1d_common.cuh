@@ -43,8 +43,9 @@ template <bool kSilu, typename acc_t> __device__ __forceinline__ acc_t activate(
 // d out / d z.
 template <bool kSilu, typename acc_t> __device__ __forceinline__ acc_t activation_grad(acc_t z) {
   if (!kSilu) return acc_t(1);
+  // s (1 + z (1 - s)) as two fmas: t = z - z s, then s + t s.
   const acc_t s = sigmoid_fast(z);
-  return s * (acc_t(1) + z * (acc_t(1) - s));
+  return fma(fma(-z, s, z), s, s);
 }
 
 // v, or +0 where !keep, by masking its bits: no branch, and a NaN or Inf in v does not leak.
@@ -84,7 +85,9 @@ template <typename acc_t> struct Taps {
 
   template <typename Params> __device__ __forceinline__ void load(const Params& params, int64_t d) {
     first = kMaxWidth - static_cast<int>(params.width);
-    width_bits = ((1u << kMaxWidth) - 1) & ~((1u << first) - 1);
+    // The last two taps are on at every width (>= 2): said outright, so that the compiler drops
+    // their per-token checks.
+    width_bits = (((1u << kMaxWidth) - 1) & ~((1u << first) - 1)) | 0b1100u;
     const acc_t* weight = static_cast<const acc_t*>(params.weight) + d * params.weight_dim_stride;
 #pragma unroll
     for (int k = 0; k < kMaxWidth; ++k)
@@ -329,12 +332,30 @@ template <typename input_t_, int kBytesPerThread> struct ContiguousTraits {
 };
 
 // Bytes of x in flight per thread: 64 for the forward (at 32, bf16 reached 79% of a copy's
-// bandwidth on an H100, fp32 at 64 99%); the backward loads dout too, 32 of each.
+// bandwidth on an H100, fp32 at 64 99%).
 template <typename input_t> using ContiguousFwdTraits = ContiguousTraits<input_t, 64>;
-template <typename input_t> using ContiguousBwdTraits = ContiguousTraits<input_t, 32>;
-static_assert(ContiguousBwdTraits<float>::kTileTokens * sizeof(float) ==
-                  kCausalConv1dCudaBwdTileBytes,
-              "the host sizes dweight_partials by the backward's tiles");
+
+// Contiguous backward (threads along tokens): a warp sweeps a tile of
+// kCausalConv1dCudaBwdTileBytes of x of one (batch, channel) row in steps of 32 vectors, one a
+// lane: lane l's vector of step s starts at token tile * kTileTokens + (s * 32 + l) * kNElts.
+// A step's x and dout are loaded while the step before is computed, and the per-tile costs (taps,
+// halos, the sums of dweight) are paid once per tile rather than once per vector.
+template <typename input_t_> struct ContiguousBwdTraits {
+  using input_t = input_t_;
+  using acc_t = acc_type<input_t>;
+  static constexpr int kNThreads = 128;
+  static constexpr int kNWarps = kNThreads / 32;  // a warp a tile: the block needs no sync
+  static constexpr int kNElts = ContiguousFwdTraits<input_t>::kNElts;
+  static constexpr int kStepTokens = 32 * kNElts;
+  static constexpr int kTileTokens = int(kCausalConv1dCudaBwdTileBytes) / int(sizeof(input_t));
+  static constexpr int kNSteps = kTileTokens / kStepTokens;  // 8 (4 for double)
+  // A vector's last kHalo tokens, the left halo of the vector after it, pass between lanes as
+  // whole 32-bit words: the last kTailElts elements (4 of a 16-bit type, 3 of wider ones).
+  static constexpr int kTailWords = (kHalo * int(sizeof(input_t)) + 3) / 4;
+  static constexpr int kTailElts = kTailWords * 4 / int(sizeof(input_t));
+  static_assert(kNSteps * kStepTokens == kTileTokens, "a tile must be whole steps");
+  static_assert(kTailElts >= kHalo && kTailElts <= kNElts, "a tail must lie in one vector");
+};
 
 // Channel-last x (threads along channels). A thread owns kNElts channels of one batch row and
 // slides a window of kMaxWidth tokens over a run of tokens, loading kStepTokens at a time, so

@@ -188,7 +188,7 @@ def test_gradients_of_absent_inputs_are_none():
     assert all(v.grad is not None for v in leaves.values())
     raw = torch.ops.mamba_ext.selective_scan_bwd(
         torch.ones_like(out), None, inputs["u"], inputs["delta"], inputs["A"], inputs["B"],
-        inputs["C"], None, None, None, None, True)
+        inputs["C"], None, None, None, None, None, 0, True)
     assert [t.numel() for t in raw[5:]] == [0, 0, 0, 0]
 
 
@@ -202,11 +202,11 @@ def test_opcheck(optionals, device):
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
                                 "initial_state")]
     grad_args = [None if t is None else t.detach().requires_grad_() for t in args]
-    torch.library.opcheck(torch.ops.mamba_ext.selective_scan_fwd.default, (*grad_args, True))
+    torch.library.opcheck(torch.ops.mamba_ext.selective_scan_fwd.default, (*grad_args, None, 0, True))
     dout = torch.randn(2, 3, 7, device=device)
     dlast = torch.randn(2, 3, 4, device=device) if optionals else None
     torch.library.opcheck(torch.ops.mamba_ext.selective_scan_bwd.default,
-                          (dout, dlast, *args, True))
+                          (dout, dlast, *args, None, 0, True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -239,9 +239,9 @@ def test_backward_does_not_depend_on_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.mamba_ext.selective_scan_bwd(dout, None, *args, True)
+        one = torch.ops.mamba_ext.selective_scan_bwd(dout, None, *args, None, 0, True)
         torch.set_num_threads(max(2, threads))
-        many = torch.ops.mamba_ext.selective_scan_bwd(dout, None, *args, True)
+        many = torch.ops.mamba_ext.selective_scan_bwd(dout, None, *args, None, 0, True)
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(one, many):
@@ -358,10 +358,10 @@ def test_bad_input_is_refused(name, replace, error, message, op):
                                 "initial_state")]
     with pytest.raises(error, match=f"{op}: {message}"):
         if op == "selective_scan_fwd":
-            torch.ops.mamba_ext.selective_scan_fwd(*args, True)
+            torch.ops.mamba_ext.selective_scan_fwd(*args, None, 0, True)
         else:
             dout = torch.zeros(2, 5, 3)
-            torch.ops.mamba_ext.selective_scan_bwd(dout, None, *args, True)
+            torch.ops.mamba_ext.selective_scan_bwd(dout, None, *args, None, 0, True)
 
 
 def test_mismatched_groups_of_B_and_C_are_refused():
@@ -385,7 +385,8 @@ def test_bad_gradient_is_refused(name, value, error, message):
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
                                 "initial_state")]
     with pytest.raises(error, match=f"selective_scan_bwd: {message}"):
-        torch.ops.mamba_ext.selective_scan_bwd(grads["dout"], grads["dlast_state"], *args, True)
+        torch.ops.mamba_ext.selective_scan_bwd(grads["dout"], grads["dlast_state"], *args, None, 0,
+                                               True)
 
 
 @pytest.mark.cuda

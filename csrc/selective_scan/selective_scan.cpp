@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <unordered_set>
 #include <vector>
 
 #include "common/check.h"
@@ -106,7 +107,9 @@ void check_seq_idx_values(const char* op, const at::Tensor& seq_idx, int64_t num
   const int32_t* ids = seq_idx.const_data_ptr<int32_t>();
   const int64_t batch = seq_idx.size(0), seqlen = seq_idx.size(1);
   const int64_t batch_stride = seq_idx.stride(0), seqlen_stride = seq_idx.stride(1);
-  std::vector<bool> seen(num_sequences, false);
+  // A set rather than a flag per sequence: its size is bounded by the tokens, not by the
+  // num_sequences the caller passed.
+  std::unordered_set<int32_t> seen;
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t t = 0; t < seqlen; ++t) {
       const int32_t id = ids[b * batch_stride + t * seqlen_stride];
@@ -115,11 +118,10 @@ void check_seq_idx_values(const char* op, const at::Tensor& seq_idx, int64_t num
                         num_sequences, "), got ", id, " at (", b, ", ", t, ")");
       const bool starts = t == 0 || ids[b * batch_stride + (t - 1) * seqlen_stride] != id;
       if (id < 0 || !starts) continue;
-      TORCH_CHECK_VALUE(!seen[id], op,
+      TORCH_CHECK_VALUE(seen.insert(id).second, op,
                         ": seq_idx must give each sequence one run of tokens in per-sequence "
                         "mode (num_sequences > 0), got a second run of sequence ",
                         id, " starting at (", b, ", ", t, ")");
-      seen[id] = true;
     }
   }
 }

@@ -446,9 +446,13 @@ def make_seq_idx(batch, seqlen, per_sequence, padding, device="cpu"):
 
 def make_varlen_inputs(case, per_sequence, padding, device="cpu", dtype=torch.float32):
     """make_inputs plus seq_idx and num_sequences; initial_state is (num_sequences, dim, dstate)
-    in per-sequence mode."""
+    in per-sequence mode. A strided case has a seq_idx with stride 2 over seqlen too."""
     inputs = make_inputs(case, device, dtype)
     seq_idx, num_sequences = make_seq_idx(case.batch, case.seqlen, per_sequence, padding, device)
+    if case.strided:
+        wide = torch.full((case.batch, 2 * case.seqlen), 12345, dtype=torch.int32, device=device)
+        wide[:, ::2] = seq_idx
+        seq_idx = wide[:, ::2]
     if per_sequence and case.initial_state:
         weight_dtype = inputs["A"].dtype
         state = torch.randn(num_sequences, case.dim, case.dstate, device=device,

@@ -8,22 +8,29 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(mamba_ext, m) {
-  // Selective scan (Mamba-1), mamba-ssm's selective_scan_fn plus initial_state.
+  // Selective scan (Mamba-1), mamba-ssm's selective_scan_fn plus initial_state and packed
+  // variable-length batches.
   //   u, delta, z: (batch, dim, seqlen); A: (dim, dstate); D, delta_bias: (dim,)
   //   B, C: (batch, ngroups, dstate, seqlen) or (batch, dstate, seqlen) when they vary per token,
-  //         (dim, dstate) when constant; initial_state: (batch, dim, dstate)
-  //   out: (batch, dim, seqlen) in u's dtype; last_state: (batch, dim, dstate) in A's dtype.
+  //         (dim, dstate) when constant
+  //   seq_idx: (batch, seqlen) int32, the sequence of each token; the state restarts where it
+  //         changes, -1 marks padding (out 0, state 0)
+  //   num_sequences: 0 for per-row states: initial_state and last_state (batch, dim, dstate),
+  //         the first sequence of a row starts from initial_state[b]; N > 0 (needs seq_idx, values
+  //         in [-1, N)) for per-sequence states: initial_state and last_state (N, dim, dstate)
+  //   out: (batch, dim, seqlen) in u's dtype; last_state in A's dtype.
   m.def(
       "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
-      "Tensor? z, Tensor? delta_bias, Tensor? initial_state, bool delta_softplus) "
-      "-> (Tensor out, Tensor last_state)");
+      "Tensor? z, Tensor? delta_bias, Tensor? initial_state, Tensor? seq_idx, int num_sequences, "
+      "bool delta_softplus) -> (Tensor out, Tensor last_state)");
   // Gradients of selective_scan_fwd for every input; dD, dz, ddelta_bias, dinitial_state are
-  // empty when the matching input is absent.
+  // empty when the matching input is absent. dlast_state has last_state's shape.
   m.def(
       "selective_scan_bwd(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, "
       "Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? initial_state, "
-      "bool delta_softplus) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, "
-      "Tensor dD, Tensor dz, Tensor ddelta_bias, Tensor dinitial_state)");
+      "Tensor? seq_idx, int num_sequences, bool delta_softplus) -> (Tensor du, Tensor ddelta, "
+      "Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, Tensor ddelta_bias, "
+      "Tensor dinitial_state)");
 
   // Causal depthwise conv1d, causal-conv1d's causal_conv1d_fn.
   //   x: (batch, dim, seqlen), contiguous or channel-last (stride 1 on dim); weight: (dim, width);

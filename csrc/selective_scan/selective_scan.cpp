@@ -2,9 +2,12 @@
 // and dispatches on the activations' dtype. The only selective scan code that touches at::Tensor.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <tuple>
+#include <unordered_set>
+#include <vector>
 
 #ifdef MAMBA_EXT_WITH_CUDA
 #include <ATen/Context.h>
@@ -28,7 +31,14 @@ constexpr char kBwdOp[] = "selective_scan_bwd";
 // The sizes the arguments agree on, found while checking them.
 struct ScanShape {
   int64_t batch, dim, seqlen, dstate, ngroups;
+  int64_t num_sequences;  // 0: per-row states
   bool variable_B, variable_C;
+
+  // The rows of initial_state, last_state and their gradients, and their name.
+  int64_t state_rows() const { return num_sequences > 0 ? num_sequences : batch; }
+  const char* state_dims() const {
+    return num_sequences > 0 ? "(num_sequences, dim, dstate)" : "(batch, dim, dstate)";
+  }
 };
 
 // B or C: (dim, dstate) in the weight dtype when constant; (batch, dstate, seqlen) or
@@ -80,19 +90,65 @@ void check_activation(const char* op, const char* name, const at::Tensor& t, con
   check_dtype(op, name, t, u.scalar_type(), "like u");
 }
 
-// A (batch, dim, dstate) state in the weight dtype: initial_state, dlast_state.
+// A (batch, dim, dstate) state, (num_sequences, dim, dstate) in per-sequence mode, in the
+// weight dtype: initial_state, dlast_state.
 void check_state(const char* op, const char* name, const at::Tensor& t, const ScanShape& s,
                  const at::Tensor& u, at::ScalarType weight_dtype) {
   check_device(op, name, t, u.device(), "u");
-  check_shape(op, name, t, {s.batch, s.dim, s.dstate}, "(batch, dim, dstate)");
+  check_shape(op, name, t, {s.state_rows(), s.dim, s.dstate}, s.state_dims());
   check_dtype(op, name, t, weight_dtype, "states are kept in the weight dtype, like A");
 }
 
 // The inputs both ops take; optional ones are null when absent.
 struct ScanInputs {
   const at::Tensor &u, &delta, &A, &B, &C;
-  const at::Tensor *D, *z, *delta_bias, *initial_state;
+  const at::Tensor *D, *z, *delta_bias, *initial_state, *seq_idx;
+  int64_t num_sequences;
 };
+
+// The values of a CPU seq_idx in per-sequence mode: each in [-1, num_sequences), and each
+// sequence one run of tokens (its state is one row of last_state). On CUDA reading them would
+// cost a device sync, so they are not checked there.
+void check_seq_idx_values(const char* op, const at::Tensor& seq_idx, int64_t num_sequences) {
+  if (!seq_idx.is_cpu() || num_sequences == 0) return;
+  const int32_t* ids = seq_idx.const_data_ptr<int32_t>();
+  const int64_t batch = seq_idx.size(0), seqlen = seq_idx.size(1);
+  const int64_t batch_stride = seq_idx.stride(0), seqlen_stride = seq_idx.stride(1);
+  // A set rather than a flag per sequence: its size is bounded by the tokens, not by the
+  // num_sequences the caller passed.
+  std::unordered_set<int32_t> seen;
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t t = 0; t < seqlen; ++t) {
+      const int32_t id = ids[b * batch_stride + t * seqlen_stride];
+      TORCH_CHECK_VALUE(id >= -1 && id < num_sequences, op,
+                        ": seq_idx must have values in [-1, num_sequences) = [-1, ",
+                        num_sequences, "), got ", id, " at (", b, ", ", t, ")");
+      const bool starts = t == 0 || ids[b * batch_stride + (t - 1) * seqlen_stride] != id;
+      if (id < 0 || !starts) continue;
+      TORCH_CHECK_VALUE(seen.insert(id).second, op,
+                        ": seq_idx must give each sequence one run of tokens in per-sequence "
+                        "mode (num_sequences > 0), got a second run of sequence ",
+                        id, " starting at (", b, ", ", t, ")");
+    }
+  }
+}
+
+void check_seq_idx(const char* op, const ScanInputs& in, const ScanShape& s) {
+  TORCH_CHECK_VALUE(in.num_sequences >= 0, op,
+                    ": num_sequences must be >= 0 (0: per-row states), got ", in.num_sequences);
+  if (in.seq_idx == nullptr) {
+    TORCH_CHECK_VALUE(in.num_sequences == 0, op,
+                      ": seq_idx must be given when num_sequences > 0 (per-sequence states), "
+                      "got None with num_sequences = ",
+                      in.num_sequences);
+    return;
+  }
+  const at::Tensor& seq_idx = *in.seq_idx;
+  check_device(op, "seq_idx", seq_idx, in.u.device(), "u");
+  check_dtype(op, "seq_idx", seq_idx, at::kInt, "sequence indices");
+  check_shape(op, "seq_idx", seq_idx, {s.batch, s.seqlen}, "(batch, seqlen)");
+  check_seq_idx_values(op, seq_idx, in.num_sequences);
+}
 
 ScanShape check_inputs(const char* op, const ScanInputs& in) {
   const at::Tensor &u = in.u, &A = in.A, &B = in.B, &C = in.C;
@@ -127,6 +183,8 @@ ScanShape check_inputs(const char* op, const ScanInputs& in) {
 
   check_channel_weight(op, "D", in.D, s, u, weight_dtype);
   check_channel_weight(op, "delta_bias", in.delta_bias, s, u, weight_dtype);
+  check_seq_idx(op, in, s);
+  s.num_sequences = in.num_sequences;
   if (in.initial_state != nullptr)
     check_state(op, "initial_state", *in.initial_state, s, u, weight_dtype);
   return s;
@@ -164,6 +222,7 @@ void fill_fwd_params(SelectiveScanFwdParams& p, const ScanShape& s, const ScanIn
   p.seqlen = s.seqlen;
   p.dstate = s.dstate;
   p.ngroups = s.ngroups;
+  p.num_sequences = s.num_sequences;
   strides3(&in.u, p.u_batch_stride, p.u_dim_stride, p.u_seqlen_stride);
   strides3(&in.delta, p.delta_batch_stride, p.delta_dim_stride, p.delta_seqlen_stride);
   strides3(in.z, p.z_batch_stride, p.z_dim_stride, p.z_seqlen_stride);
@@ -180,6 +239,8 @@ void fill_fwd_params(SelectiveScanFwdParams& p, const ScanShape& s, const ScanIn
            p.initial_state_dstate_stride);
   strides3(last_state, p.last_state_batch_stride, p.last_state_dim_stride,
            p.last_state_dstate_stride);
+  p.seq_idx_batch_stride = in.seq_idx ? in.seq_idx->stride(0) : 0;
+  p.seq_idx_seqlen_stride = in.seq_idx ? in.seq_idx->stride(1) : 0;
 
   p.u = in.u.const_data_ptr();
   p.delta = in.delta.const_data_ptr();
@@ -190,12 +251,26 @@ void fill_fwd_params(SelectiveScanFwdParams& p, const ScanShape& s, const ScanIn
   p.z = data_or_null(in.z);
   p.delta_bias = data_or_null(in.delta_bias);
   p.initial_state = data_or_null(in.initial_state);
+  p.seq_idx = in.seq_idx ? in.seq_idx->const_data_ptr<int32_t>() : nullptr;
   p.out = out ? out->mutable_data_ptr() : nullptr;
   p.last_state = last_state ? last_state->mutable_data_ptr() : nullptr;
 
   p.is_variable_B = s.variable_B;
   p.is_variable_C = s.variable_C;
   p.delta_softplus = delta_softplus;
+}
+
+// last_state in the forward, dinitial_state in the backward: (state_rows, dim, dstate),
+// contiguous. In per-sequence mode the kernels write only the rows of the sequences present in
+// seq_idx; the others keep `absent` (initial_state, dlast_state), or 0 when it is null.
+at::Tensor state_output(const ScanShape& s, const at::Tensor* absent,
+                        const at::TensorOptions& options) {
+  const std::vector<int64_t> shape{s.state_rows(), s.dim, s.dstate};
+  if (s.num_sequences == 0) return at::empty(shape, options);
+  if (absent == nullptr) return at::zeros(shape, options);
+  at::Tensor states = at::empty(shape, options);
+  states.copy_(*absent);
+  return states;
 }
 
 // A forward call, checked and ready for a kernel.
@@ -208,13 +283,15 @@ FwdCall prepare_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tens
                     const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
                     const c10::optional<at::Tensor>& z,
                     const c10::optional<at::Tensor>& delta_bias,
-                    const c10::optional<at::Tensor>& initial_state, bool delta_softplus) {
+                    const c10::optional<at::Tensor>& initial_state,
+                    const c10::optional<at::Tensor>& seq_idx, int64_t num_sequences,
+                    bool delta_softplus) {
   const ScanInputs in{u, delta, A, B, C, opt_ptr(D), opt_ptr(z), opt_ptr(delta_bias),
-                      opt_ptr(initial_state)};
+                      opt_ptr(initial_state), opt_ptr(seq_idx), num_sequences};
   const ScanShape s = check_inputs(kFwdOp, in);
   FwdCall call;
   call.out = at::empty({s.batch, s.dim, s.seqlen}, u.options());
-  call.last_state = at::empty({s.batch, s.dim, s.dstate}, A.options());
+  call.last_state = state_output(s, in.initial_state, A.options());
   fill_fwd_params(call.params, s, in, &call.out, &call.last_state, delta_softplus);
   return call;
 }
@@ -223,8 +300,9 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu_op(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
     const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& initial_state,
-    bool delta_softplus) {
-  FwdCall call = prepare_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus);
+    const c10::optional<at::Tensor>& seq_idx, int64_t num_sequences, bool delta_softplus) {
+  FwdCall call = prepare_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
+                             num_sequences, delta_softplus);
   MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kFwdOp,
                              [&] { selective_scan_fwd_cpu<input_t>(call.params); });
   return {call.out, call.last_state};
@@ -247,14 +325,16 @@ struct BwdCall {
 };
 
 BwdCall prepare_bwd(const at::Tensor& dout, const c10::optional<at::Tensor>& dlast_state,
-                          const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                          const at::Tensor& B, const at::Tensor& C,
-                          const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
-                          const c10::optional<at::Tensor>& delta_bias,
-                          const c10::optional<at::Tensor>& initial_state, bool delta_softplus) {
+                    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                    const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
+                    const c10::optional<at::Tensor>& z,
+                    const c10::optional<at::Tensor>& delta_bias,
+                    const c10::optional<at::Tensor>& initial_state,
+                    const c10::optional<at::Tensor>& seq_idx, int64_t num_sequences,
+                    bool delta_softplus) {
   const char* op = kBwdOp;
   const ScanInputs in{u, delta, A, B, C, opt_ptr(D), opt_ptr(z), opt_ptr(delta_bias),
-                      opt_ptr(initial_state)};
+                      opt_ptr(initial_state), opt_ptr(seq_idx), num_sequences};
   const ScanShape s = check_inputs(op, in);
   check_activation(op, "dout", dout, u);
   const at::Tensor* dlast = opt_ptr(dlast_state);
@@ -269,7 +349,8 @@ BwdCall prepare_bwd(const at::Tensor& dout, const c10::optional<at::Tensor>& dla
   at::Tensor dD = gradient_or_empty(in.D, A.options());
   at::Tensor dz = gradient_or_empty(in.z, u.options());
   at::Tensor ddelta_bias = gradient_or_empty(in.delta_bias, A.options());
-  at::Tensor dinitial_state = gradient_or_empty(in.initial_state, A.options());
+  at::Tensor dinitial_state = in.initial_state ? state_output(s, dlast, A.options())
+                                              : at::empty({0}, A.options());
   // The gradients of absent inputs stay empty and are not written.
   const at::Tensor* dz_out = in.z ? &dz : nullptr;
   const at::Tensor* dinitial_out = in.initial_state ? &dinitial_state : nullptr;
@@ -316,9 +397,10 @@ BwdGrads selective_scan_bwd_cpu_op(const at::Tensor& dout,
                                    const c10::optional<at::Tensor>& z,
                                    const c10::optional<at::Tensor>& delta_bias,
                                    const c10::optional<at::Tensor>& initial_state,
-                                   bool delta_softplus) {
+                                   const c10::optional<at::Tensor>& seq_idx,
+                                   int64_t num_sequences, bool delta_softplus) {
   BwdCall call = prepare_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
-                             initial_state, delta_softplus);
+                             initial_state, seq_idx, num_sequences, delta_softplus);
   MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kBwdOp,
                              [&] { selective_scan_bwd_cpu<input_t>(call.params); });
   return call.grads;
@@ -330,9 +412,10 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cuda_op(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
     const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& initial_state,
-    bool delta_softplus) {
+    const c10::optional<at::Tensor>& seq_idx, int64_t num_sequences, bool delta_softplus) {
   const c10::cuda::CUDAGuard device_guard(u.device());
-  FwdCall call = prepare_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus);
+  FwdCall call = prepare_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
+                             num_sequences, delta_softplus);
   if (call.out.numel() == 0 && call.last_state.numel() == 0) return {call.out, call.last_state};
   cudaError_t error = cudaSuccess;
   MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kFwdOp, [&] {
@@ -352,10 +435,11 @@ BwdGrads selective_scan_bwd_cuda_op(const at::Tensor& dout,
                                     const c10::optional<at::Tensor>& z,
                                     const c10::optional<at::Tensor>& delta_bias,
                                     const c10::optional<at::Tensor>& initial_state,
-                                    bool delta_softplus) {
+                                    const c10::optional<at::Tensor>& seq_idx,
+                                    int64_t num_sequences, bool delta_softplus) {
   const c10::cuda::CUDAGuard device_guard(u.device());
   BwdCall call = prepare_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
-                             initial_state, delta_softplus);
+                             initial_state, seq_idx, num_sequences, delta_softplus);
   SelectiveScanBwdParams& p = call.params;
   const ScanShape& s = call.shape;
   const bool double_precision = u.scalar_type() == at::kDouble;

@@ -5,6 +5,16 @@
 //   h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t            h_{-1} = initial_state or 0
 //   out = (<h_t, C_t> + D u_t) * silu(z_t)               the D and z terms when given
 //
+// Packed variable-length batches (seq_idx given): a sequence starts at t = 0 or where
+// seq_idx[b, t] != seq_idx[b, t - 1], and there h_{t-1} := its start state. seq_idx = -1 marks
+// padding: out = 0, no gradient, and the state is 0 through it. Per-row mode (num_sequences 0):
+// initial_state and last_state are (batch, dim, dstate); the start state is initial_state[b] for
+// the sequence that starts at t = 0 and 0 for later ones; last_state[b] is h_{seqlen-1}.
+// Per-sequence mode (num_sequences N > 0, seq_idx in [-1, N)): initial_state and last_state are
+// (N, dim, dstate), indexed by sequence id; the host fills last_state (and dinitial_state)
+// with the value of an absent sequence before the kernel, which writes the rows of those present.
+// A sequence id must form one run of tokens (checked on the CPU; undefined on CUDA).
+//
 // Activations (u, delta, z, dout, variable B / C and their gradients) have the type `input_t` of
 // the kernel; weights (A, constant B / C, D, delta_bias, initial_state, last_state and their
 // gradients) have acc_type<input_t> (common/math.h). Optional inputs are absent when their
@@ -26,6 +36,8 @@ struct SelectiveScanFwdParams {
   // Sizes.
   int64_t batch, dim, seqlen, dstate;
   int64_t ngroups;  // of a variable B or C (both have the same); 1 when both are constant
+  // 0: per-row states (batch, dim, dstate); N > 0: per-sequence states (N, dim, dstate).
+  int64_t num_sequences;
 
   // Strides in elements (int64: products of sizes overflow int32).
   int64_t u_batch_stride, u_dim_stride, u_seqlen_stride;
@@ -40,6 +52,7 @@ struct SelectiveScanFwdParams {
   int64_t D_stride, delta_bias_stride;
   int64_t initial_state_batch_stride, initial_state_dim_stride, initial_state_dstate_stride;
   int64_t last_state_batch_stride, last_state_dim_stride, last_state_dstate_stride;
+  int64_t seq_idx_batch_stride, seq_idx_seqlen_stride;
 
   // Pointers, with the shape they point to.
   const void* u;              // (batch, dim, seqlen)
@@ -50,9 +63,10 @@ struct SelectiveScanFwdParams {
   const void* D;              // (dim,) or null
   const void* z;              // (batch, dim, seqlen) or null
   const void* delta_bias;     // (dim,) or null
-  const void* initial_state;  // (batch, dim, dstate) or null
+  const void* initial_state;  // (batch or num_sequences, dim, dstate) or null
+  const int32_t* seq_idx;     // (batch, seqlen) or null (one sequence per row)
   void* out;                  // (batch, dim, seqlen)
-  void* last_state;           // (batch, dim, dstate)
+  void* last_state;           // (batch or num_sequences, dim, dstate)
 
   // Flags.
   bool is_variable_B, is_variable_C;
@@ -81,7 +95,7 @@ struct SelectiveScanBwdParams : SelectiveScanFwdParams {
 
   // Pointers, with the shape they point to.
   const void* dout;         // (batch, dim, seqlen)
-  const void* dlast_state;  // (batch, dim, dstate) or null (no gradient flows into last_state)
+  const void* dlast_state;  // last_state's shape or null (no gradient flows into last_state)
   void* du;                 // (batch, dim, seqlen)
   void* ddelta;             // (batch, dim, seqlen)
   void* dz;                 // (batch, dim, seqlen) or null
@@ -90,7 +104,7 @@ struct SelectiveScanBwdParams : SelectiveScanFwdParams {
   void* dC;                 // C's shape
   void* dD;                 // (dim,) or null
   void* ddelta_bias;        // (dim,) or null
-  void* dinitial_state;     // (batch, dim, dstate) or null
+  void* dinitial_state;     // initial_state's shape or null
 
   // CUDA only: scratch in acc_type that the host allocates with the sizes of
   // selective_scan_bwd_cuda_geometry. Sums over channels, batches or state slices are written

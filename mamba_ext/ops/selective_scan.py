@@ -7,8 +7,8 @@ import torch
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False, initial_state=None):
-    """The selective scan of mamba-ssm, plus an initial state.
+                      return_last_state=False, initial_state=None, seq_idx=None, cu_seqlens=None):
+    """The selective scan of mamba-ssm, plus an initial state and packed variable-length batches.
 
     u, delta, z: (batch, dim, seqlen); A: (dim, dstate); B, C: (batch, ngroups, dstate, seqlen)
     or (batch, dstate, seqlen) when they vary per token, (dim, dstate) when constant;
@@ -16,17 +16,60 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     and constant B / C are float32 (float64 when u is float64). Returns out (batch, dim, seqlen)
     in u's dtype, and last_state (batch, dim, dstate) when return_last_state. Unlike mamba-ssm,
     a gradient flows back from last_state.
+
+    Packed batches (neither is in mamba-ssm's selective_scan_fn):
+    seq_idx: (batch, seqlen) int32, the sequence of each token. The state restarts (from 0)
+        where seq_idx changes; -1 marks a padding token (out 0, no gradient, state 0 through it).
+        States stay per row: initial_state[b] starts the sequence at token 0 of row b (later
+        ones start from 0), last_state[b] is the state after the row's last token.
+    cu_seqlens: (N + 1,) int32 or int64, cumulative sequence lengths with batch 1: sequence s is
+        tokens [cu_seqlens[s], cu_seqlens[s + 1]), tokens outside [cu_seqlens[0],
+        cu_seqlens[-1]) are padding. States are per sequence: initial_state and last_state are
+        (N, dim, dstate); sequence s starts from initial_state[s] (or 0) and last_state[s] is
+        its state after its last token (initial_state[s], or 0, for an empty one). Converted to
+        seq_idx on u's device without a host sync. Not together with seq_idx.
+    On the CPU a per-sequence seq_idx is checked to lie in [-1, N) with each sequence one run of
+    tokens; on CUDA it is not (that would sync), and breaking it is undefined.
     """
+    num_sequences = 0
+    if cu_seqlens is not None:
+        if seq_idx is not None:
+            raise ValueError("selective_scan_fn: cu_seqlens must not be given together with "
+                             "seq_idx, got both")
+        seq_idx, num_sequences = _seq_idx_from_cu_seqlens(cu_seqlens, u)
     out, last_state = torch.ops.mamba_ext.selective_scan_fwd(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_sequences,
+        delta_softplus)
     return (out, last_state) if return_last_state else out
 
 
+def _seq_idx_from_cu_seqlens(cu_seqlens, u):
+    """(seq_idx (1, seqlen) int32, N) from cu_seqlens (N + 1,): the sequence of each token, -1
+    outside [cu_seqlens[0], cu_seqlens[-1]). Tensor ops only, so no host sync."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"selective_scan_fn: cu_seqlens must have shape (num_sequences + 1,), "
+                         f"got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"selective_scan_fn: cu_seqlens must have dtype int32 or int64, "
+                        f"got {cu_seqlens.dtype}")
+    if u.dim() != 3 or u.shape[0] != 1:
+        raise ValueError(f"selective_scan_fn: u must have batch 1 with cu_seqlens (sequences "
+                         f"packed along seqlen), got shape {tuple(u.shape)}")
+    num_sequences = cu_seqlens.shape[0] - 1
+    cu_seqlens = cu_seqlens.to(device=u.device, dtype=torch.int64)
+    tokens = torch.arange(u.shape[2], device=u.device)
+    seq_idx = torch.searchsorted(cu_seqlens[1:], tokens, right=True)
+    padding = (tokens < cu_seqlens[0]) | (seq_idx >= num_sequences)
+    seq_idx = torch.where(padding, -1, seq_idx)
+    return seq_idx.to(torch.int32).unsqueeze(0), num_sequences
+
+
 @torch.library.register_fake("mamba_ext::selective_scan_fwd")
-def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
+                             num_sequences, delta_softplus):
     batch, dim, seqlen = u.shape
     out = u.new_empty((batch, dim, seqlen))
-    last_state = A.new_empty((batch, dim, A.shape[1]))
+    last_state = A.new_empty((num_sequences if num_sequences > 0 else batch, dim, A.shape[1]))
     return out, last_state
 
 
@@ -37,7 +80,7 @@ def _gradient_or_empty(input, absent_like):
 
 @torch.library.register_fake("mamba_ext::selective_scan_bwd")
 def _selective_scan_bwd_fake(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state,
-                             delta_softplus):
+                             seq_idx, num_sequences, delta_softplus):
     return (u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(A.shape),
             B.new_empty(B.shape), C.new_empty(C.shape), _gradient_or_empty(D, A),
             _gradient_or_empty(z, u), _gradient_or_empty(delta_bias, A),
@@ -45,24 +88,26 @@ def _selective_scan_bwd_fake(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_sequences,
+     delta_softplus) = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    ctx.num_sequences = num_sequences
     ctx.delta_softplus = delta_softplus
 
 
 def _backward(ctx, dout, dlast_state):
-    u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = (
         torch.ops.mamba_ext.selective_scan_bwd(
-            dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state,
-            ctx.delta_softplus))
+            dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
+            ctx.num_sequences, ctx.delta_softplus))
     # The op returns empty gradients for absent inputs; autograd wants None for them.
     return (du, ddelta, dA, dB, dC,
             dD if D is not None else None,
             dz if z is not None else None,
             ddelta_bias if delta_bias is not None else None,
             dinitial_state if initial_state is not None else None,
-            None)
+            None, None, None)
 
 
 torch.library.register_autograd(

@@ -56,7 +56,7 @@ void test_selective_scan_fwd() {
                 .typed<std::tuple<at::Tensor, at::Tensor>(
                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                     const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                    const OptTensor&, bool)>();
+                    const OptTensor&, const OptTensor&, int64_t, bool)>();
   const int64_t batch = 2, dim = 3, dstate = 4, seqlen = 9;
   at::Tensor u = at::randn({batch, dim, seqlen});       // (batch, dim, seqlen)
   at::Tensor delta = at::rand({batch, dim, seqlen});    // (batch, dim, seqlen)
@@ -64,8 +64,8 @@ void test_selective_scan_fwd() {
   at::Tensor B = at::randn({batch, 1, dstate, seqlen});  // (batch, ngroups, dstate, seqlen)
   at::Tensor C = at::randn({batch, 1, dstate, seqlen});  // (batch, ngroups, dstate, seqlen)
   at::Tensor D = at::randn({dim});                       // (dim,)
-  auto [out, last_state] =
-      op.call(u, delta, A, B, C, D, std::nullopt, std::nullopt, std::nullopt, false);
+  auto [out, last_state] = op.call(u, delta, A, B, C, D, std::nullopt, std::nullopt, std::nullopt,
+                                   std::nullopt, 0, false);
   // The recurrence step by step in ATen.
   at::Tensor h = at::zeros({batch, dim, dstate});
   at::Tensor ref = at::empty({batch, dim, seqlen});

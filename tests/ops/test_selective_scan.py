@@ -10,7 +10,6 @@ from mamba_ext.ops import selective_scan_fn
 from mamba_ext.reference import selective_scan_ref
 
 
-
 def needs_kernel(device):
     if device == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
             "mamba_ext::selective_scan_fwd", "CUDA"):
@@ -188,7 +187,7 @@ def test_gradients_of_absent_inputs_are_none():
     assert all(v.grad is not None for v in leaves.values())
     raw = torch.ops.mamba_ext.selective_scan_bwd(
         torch.ones_like(out), None, inputs["u"], inputs["delta"], inputs["A"], inputs["B"],
-        inputs["C"], None, None, None, None, True)
+        inputs["C"], None, None, None, None, None, 0, True)
     assert [t.numel() for t in raw[5:]] == [0, 0, 0, 0]
 
 
@@ -202,11 +201,22 @@ def test_opcheck(optionals, device):
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
                                 "initial_state")]
     grad_args = [None if t is None else t.detach().requires_grad_() for t in args]
-    torch.library.opcheck(torch.ops.mamba_ext.selective_scan_fwd.default, (*grad_args, True))
+    torch.library.opcheck(torch.ops.mamba_ext.selective_scan_fwd.default, (*grad_args, None, 0, True))
     dout = torch.randn(2, 3, 7, device=device)
     dlast = torch.randn(2, 3, 4, device=device) if optionals else None
     torch.library.opcheck(torch.ops.mamba_ext.selective_scan_bwd.default,
-                          (dout, dlast, *args, True))
+                          (dout, dlast, *args, None, 0, True))
+
+
+def assert_compiled_matches_eager(loss_fn, inputs):
+    """loss_fn(**inputs) and its gradients, through torch.compile(fullgraph=True) and eagerly."""
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    eager_grads = torch.autograd.grad(loss_fn(**inputs), list(inputs.values()))
+    compiled_loss = compiled(**inputs)
+    torch.testing.assert_close(compiled_loss, loss_fn(**inputs))
+    compiled_grads = torch.autograd.grad(compiled_loss, list(inputs.values()))
+    for eager, comp in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(comp, eager)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -219,13 +229,21 @@ def test_torch_compile_matches_eager(device):
         out, last_state = selective_scan_fn(**kwargs, delta_softplus=True, return_last_state=True)
         return (out * out).sum() + last_state.sum()
 
-    compiled = torch.compile(scan_loss, fullgraph=True)
-    eager_grads = torch.autograd.grad(scan_loss(**inputs), list(inputs.values()))
-    compiled_loss = compiled(**inputs)
-    torch.testing.assert_close(compiled_loss, scan_loss(**inputs))
-    compiled_grads = torch.autograd.grad(compiled_loss, list(inputs.values()))
-    for eager, comp in zip(eager_grads, compiled_grads):
-        torch.testing.assert_close(comp, eager)
+    assert_compiled_matches_eager(scan_loss, inputs)
+
+
+def assert_backward_does_not_depend_on_thread_count(*args):
+    """selective_scan_bwd(*args) gives the same bits on one thread and on several."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.mamba_ext.selective_scan_bwd(*args)
+        torch.set_num_threads(max(2, threads))
+        many = torch.ops.mamba_ext.selective_scan_bwd(*args)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
 
 
 def test_backward_does_not_depend_on_thread_count():
@@ -236,16 +254,7 @@ def test_backward_does_not_depend_on_thread_count():
     dout = torch.randn(2, 80, 300)
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
                                 "initial_state")]
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = torch.ops.mamba_ext.selective_scan_bwd(dout, None, *args, True)
-        torch.set_num_threads(max(2, threads))
-        many = torch.ops.mamba_ext.selective_scan_bwd(dout, None, *args, True)
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(one, many):
-        assert torch.equal(a, b)
+    assert_backward_does_not_depend_on_thread_count(dout, None, *args, None, 0, True)
 
 
 def test_long_sequence_matches_chained_halves():
@@ -358,10 +367,10 @@ def test_bad_input_is_refused(name, replace, error, message, op):
                                 "initial_state")]
     with pytest.raises(error, match=f"{op}: {message}"):
         if op == "selective_scan_fwd":
-            torch.ops.mamba_ext.selective_scan_fwd(*args, True)
+            torch.ops.mamba_ext.selective_scan_fwd(*args, None, 0, True)
         else:
             dout = torch.zeros(2, 5, 3)
-            torch.ops.mamba_ext.selective_scan_bwd(dout, None, *args, True)
+            torch.ops.mamba_ext.selective_scan_bwd(dout, None, *args, None, 0, True)
 
 
 def test_mismatched_groups_of_B_and_C_are_refused():
@@ -385,7 +394,8 @@ def test_bad_gradient_is_refused(name, value, error, message):
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
                                 "initial_state")]
     with pytest.raises(error, match=f"selective_scan_bwd: {message}"):
-        torch.ops.mamba_ext.selective_scan_bwd(grads["dout"], grads["dlast_state"], *args, True)
+        torch.ops.mamba_ext.selective_scan_bwd(grads["dout"], grads["dlast_state"], *args, None, 0,
+                                               True)
 
 
 @pytest.mark.cuda
@@ -442,12 +452,12 @@ def test_cuda_backward_is_deterministic_when_asked():
                                 "initial_state")]
     dout = torch.randn(2, 300, 500, device="cuda")
     dlast = torch.randn(2, 300, 16, device="cuda")
-    fast = torch.ops.mamba_ext.selective_scan_bwd(dout, dlast, *args, True)
+    fast = torch.ops.mamba_ext.selective_scan_bwd(dout, dlast, *args, None, 0, True)
     was = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        first = torch.ops.mamba_ext.selective_scan_bwd(dout, dlast, *args, True)
-        second = torch.ops.mamba_ext.selective_scan_bwd(dout, dlast, *args, True)
+        first = torch.ops.mamba_ext.selective_scan_bwd(dout, dlast, *args, None, 0, True)
+        second = torch.ops.mamba_ext.selective_scan_bwd(dout, dlast, *args, None, 0, True)
     finally:
         torch.use_deterministic_algorithms(was)
     for a, b, c in zip(first, second, fast):
@@ -495,14 +505,14 @@ def test_cuda_more_than_2_31_elements():
     full = [u, delta, A, B, C, D, None, delta_bias, None]
     part = [u[:, tail].contiguous(), delta[:, tail].contiguous(), A[tail], B, C, D[tail], None,
             delta_bias[tail], None]
-    out, last = torch.ops.mamba_ext.selective_scan_fwd(*full, True)
-    out_part, last_part = torch.ops.mamba_ext.selective_scan_fwd(*part, True)
+    out, last = torch.ops.mamba_ext.selective_scan_fwd(*full, None, 0, True)
+    out_part, last_part = torch.ops.mamba_ext.selective_scan_fwd(*part, None, 0, True)
     torch.testing.assert_close(out[:, tail], out_part, rtol=0, atol=0)
     torch.testing.assert_close(last[:, tail], last_part, rtol=0, atol=0)
     del out
-    grads = torch.ops.mamba_ext.selective_scan_bwd(dout, None, *full, True)
+    grads = torch.ops.mamba_ext.selective_scan_bwd(dout, None, *full, None, 0, True)
     grads_part = torch.ops.mamba_ext.selective_scan_bwd(dout[:, tail].contiguous(), None, *part,
-                                                        True)
+                                                        None, 0, True)
     # du, ddelta, dA, dD, ddelta_bias of a channel depend on that channel only.
     for index, name in ((0, "du"), (1, "ddelta")):
         torch.testing.assert_close(grads[index][:, tail], grads_part[index], rtol=0, atol=0,
@@ -510,3 +520,416 @@ def test_cuda_more_than_2_31_elements():
     for index, name in ((2, "dA"), (5, "dD"), (7, "ddelta_bias")):
         torch.testing.assert_close(grads[index][tail], grads_part[index], rtol=1e-5, atol=1e-6,
                                    msg=name)
+
+
+# --- packed variable-length batches: seq_idx (per-row states) and num_sequences / cu_seqlens
+# (per-sequence states).
+
+def make_seq_idx(batch, seqlen, per_sequence, padding, device="cpu"):
+    """seq_idx (batch, seqlen) int32 of random runs (some of a single token, some crossing the
+    CPU kernels' chunks) and its num_sequences. Per row the ids increase from 0 (per-row mode);
+    in per-sequence mode every run has its own id, shuffled, with two ids left absent. With
+    padding, runs of -1 appear, among them at the first token of row 0 and the last of the last
+    row."""
+    rows, runs = [], 0
+    for b in range(batch):
+        row = []
+        while len(row) < seqlen:
+            length = int(torch.randint(1, max(2, seqlen // 3) + 1, ()))
+            first_of_all, last_of_all = b == 0 and not row, b == batch - 1
+            pad = padding and (first_of_all or bool(torch.rand(()) < 0.25)
+                               or (last_of_all and len(row) + length >= seqlen))
+            if pad:
+                row += [-1] * length
+            else:
+                row += [runs] * length
+                runs += 1
+        rows.append(row[:seqlen])
+    ids = torch.tensor(rows, dtype=torch.int64).reshape(batch, seqlen)
+    num_sequences = 0
+    if per_sequence:
+        num_sequences = runs + 2
+        shuffle = torch.randperm(num_sequences)
+        ids = torch.where(ids >= 0, shuffle[ids.clamp(min=0)], ids)
+    else:
+        # Per row from 0: the first real run of each row is 0, then 1, ...
+        first = torch.tensor([min([i for i in r if i >= 0], default=0) for r in rows])
+        ids = torch.where(ids >= 0, ids - first[:, None], ids)
+    return ids.to(device=device, dtype=torch.int32), num_sequences
+
+
+def make_varlen_inputs(case, per_sequence, padding, device="cpu", dtype=torch.float32):
+    """make_inputs plus seq_idx and num_sequences; initial_state is (num_sequences, dim, dstate)
+    in per-sequence mode. A strided case has a seq_idx with stride 2 over seqlen too."""
+    inputs = make_inputs(case, device, dtype)
+    seq_idx, num_sequences = make_seq_idx(case.batch, case.seqlen, per_sequence, padding, device)
+    if case.strided:
+        wide = torch.full((case.batch, 2 * case.seqlen), 12345, dtype=torch.int32, device=device)
+        wide[:, ::2] = seq_idx
+        seq_idx = wide[:, ::2]
+    if per_sequence and case.initial_state:
+        weight_dtype = inputs["A"].dtype
+        state = torch.randn(num_sequences, case.dim, case.dstate, device=device,
+                            dtype=weight_dtype)
+        inputs["initial_state"] = strided(state) if case.strided else state
+    return inputs, seq_idx, num_sequences
+
+
+def run_varlen_op(inputs, case, seq_idx, num_sequences):
+    """(out, last_state) of the op itself: selective_scan_fn reaches per-sequence mode through
+    cu_seqlens only, with batch 1."""
+    args = [inputs.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                    "initial_state")]
+    return torch.ops.mamba_ext.selective_scan_fwd(*args, seq_idx, num_sequences,
+                                                  case.delta_softplus)
+
+
+def run_varlen_reference(inputs, case, seq_idx, num_sequences):
+    return selective_scan_ref(**inputs, delta_softplus=case.delta_softplus,
+                              return_last_state=True, seq_idx=seq_idx,
+                              num_sequences=num_sequences)
+
+
+VARLEN_CASES = [
+    Case(batch=2, seqlen=9, dim=5, dstate=4, initial_state=True),
+    Case(batch=3, seqlen=300, dim=33, dstate=16, B="variable3d", C="constant", strided=True,
+         initial_state=True),
+    Case(batch=2, seqlen=129, dim=6, ngroups=2, dstate=64, B="constant", C="variable", z=False,
+         delta_softplus=False),
+    Case(batch=1, seqlen=1000, dim=4, dstate=16, initial_state=True, D=False),
+]
+VARLEN_MODES = [pytest.param(False, id="per_row"), pytest.param(True, id="per_sequence")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padding", [False, True], ids=["no_padding", "padding"])
+@pytest.mark.parametrize("per_sequence", VARLEN_MODES)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=str)
+def test_varlen_forward_matches_reference(case, per_sequence, padding, dtype, device):
+    needs_kernel(device)
+    inputs, seq_idx, num_sequences = make_varlen_inputs(case, per_sequence, padding, device,
+                                                        dtype)
+    out, last_state = run_varlen_op(inputs, case, seq_idx, num_sequences)
+    out_ref, last_ref = run_varlen_reference(as_reference(inputs), case, seq_idx, num_sequences)
+    assert out.dtype == dtype
+    assert last_state.shape == (num_sequences or case.batch, case.dim, case.dstate)
+    assert_close(out, out_ref, dtype, "out")
+    assert_close(last_state, last_ref, torch.float32, "last_state")
+    assert (out[(seq_idx == -1)[:, None, :].expand_as(out)] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padding", [False, True], ids=["no_padding", "padding"])
+@pytest.mark.parametrize("per_sequence", VARLEN_MODES)
+@pytest.mark.parametrize("case", VARLEN_CASES[:3], ids=str)
+def test_varlen_backward_matches_reference(case, per_sequence, padding, dtype, device):
+    needs_kernel(device)
+    inputs, seq_idx, num_sequences = make_varlen_inputs(case, per_sequence, padding, device,
+                                                        dtype)
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
+    ref_leaves = {k: v.requires_grad_() for k, v in as_reference(leaves).items()}
+    out, last_state = run_varlen_op({**inputs, **leaves}, case, seq_idx, num_sequences)
+    dout = torch.randn_like(out)
+    dlast = torch.randn_like(last_state)
+    grads = torch.autograd.grad((out.float() * dout.float()).sum() + (last_state * dlast).sum(),
+                                list(leaves.values()))
+    out_ref, last_ref = run_varlen_reference({**as_reference(inputs), **ref_leaves}, case,
+                                             seq_idx, num_sequences)
+    # initial_state is unused when every row starts with padding.
+    ref_grads = torch.autograd.grad(
+        (out_ref * dout.double()).sum() + (last_ref * dlast.double()).sum(),
+        list(ref_leaves.values()), allow_unused=True, materialize_grads=True)
+    for name, grad, ref_grad in zip(leaves, grads, ref_grads):
+        assert grad.dtype == leaves[name].dtype and grad.shape == leaves[name].shape
+        assert_close(grad, ref_grad, dtype if grad.dtype == dtype else torch.float32, f"d{name}")
+
+
+def _time_slice(inputs, begin, end):
+    """The inputs of tokens [begin, end) of a batch-1 packed input."""
+    return {k: v[..., begin:end] if k in ("u", "delta", "z") or
+            (k in ("B", "C") and v is not None and v.dim() > 2) else v
+            for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("initial_state", [False, True])
+def test_packed_matches_separate_sequences(initial_state, device):
+    # cu_seqlens with an empty sequence and padding after the last: each sequence alone, from
+    # its initial state, gives the same out, last state and gradients.
+    needs_kernel(device)
+    lengths = [37, 1, 0, 150, 64]
+    case = Case(batch=1, seqlen=sum(lengths) + 5, dim=9, dstate=16, initial_state=False)
+    inputs = make_inputs(case, device)
+    if initial_state:
+        inputs["initial_state"] = torch.randn(len(lengths), 9, 16, device=device)
+    cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items() if v is not None}
+    out, last_state = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True,
+                                        cu_seqlens=cu_seqlens)
+    dout, dlast = torch.randn_like(out), torch.randn_like(last_state)
+    grads = torch.autograd.grad((out * dout).sum() + (last_state * dlast).sum(),
+                                list(leaves.values()))
+
+    outs, lasts = [], []
+    for s, (begin, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+        part = _time_slice(leaves, begin, end)
+        part["initial_state"] = leaves["initial_state"][s:s + 1] if initial_state else None
+        out_s, last_s = selective_scan_fn(**part, delta_softplus=True, return_last_state=True)
+        outs.append(out_s)
+        lasts.append(last_s)
+    padding = torch.zeros_like(out[..., cu_seqlens[-1]:])
+    separate_out = torch.cat(outs + [padding], dim=-1)
+    separate_last = torch.cat(lasts)
+    separate_grads = torch.autograd.grad(
+        (separate_out * dout).sum() + (separate_last * dlast).sum(), list(leaves.values()))
+    assert_close(out, separate_out, torch.float32, "out")
+    assert_close(last_state, separate_last, torch.float32, "last_state")
+    for name, grad, separate in zip(leaves, grads, separate_grads):
+        assert_close(grad, separate, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padding_tokens_have_no_effect(device):
+    # Per-row mode: row 0 starts with padding (initial_state[0] is unused), row 1 ends with it
+    # (its last state is 0); what the padding tokens hold changes nothing, and they get no
+    # gradient.
+    needs_kernel(device)
+    case = Case(batch=2, seqlen=40, dim=6, dstate=8, initial_state=True)
+    inputs = make_inputs(case, device)
+    seq_idx = torch.zeros(2, 40, dtype=torch.int32, device=device)
+    seq_idx[0, :7] = -1
+    seq_idx[0, 20:] = 1
+    seq_idx[1, 25:] = -1
+    padding = (seq_idx == -1)[:, None, :]                              # (batch, 1, seqlen)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    out, last_state = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True,
+                                        seq_idx=seq_idx)
+    grads = dict(zip(leaves, torch.autograd.grad(out.sum() + last_state.sum(),
+                                                 list(leaves.values()))))
+    assert (out.masked_select(padding) == 0).all()
+    assert (last_state[1] == 0).all()
+    assert (grads["initial_state"][0] == 0).all() and (grads["initial_state"][1] != 0).any()
+    for name in ("u", "delta", "z"):
+        assert (grads[name].masked_select(padding) == 0).all(), name
+    for name in ("B", "C"):                                            # (batch, 1, dstate, seqlen)
+        assert (grads[name].masked_select(padding[:, :, None]) == 0).all(), name
+
+    noisy = dict(inputs)
+    for name in ("u", "delta", "z"):
+        noisy[name] = torch.where(padding, 100 * torch.randn_like(inputs[name]), inputs[name])
+    for name in ("B", "C"):
+        noisy[name] = torch.where(padding[:, :, None], 100 * torch.randn_like(inputs[name]),
+                                  inputs[name])
+    out_noisy, last_noisy = selective_scan_fn(**noisy, delta_softplus=True,
+                                              return_last_state=True, seq_idx=seq_idx)
+    torch.testing.assert_close(out_noisy, out, rtol=0, atol=0)
+    torch.testing.assert_close(last_noisy, last_state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("initial_state", [False, True])
+def test_per_sequence_states_of_absent_sequences(initial_state, device):
+    # Sequences 1 and 3 have no tokens: their last state is their initial state (or 0) and
+    # their initial state's gradient is their last state's.
+    needs_kernel(device)
+    case = Case(batch=2, seqlen=10, dim=5, dstate=4)
+    inputs = make_inputs(case, device)
+    inputs["initial_state"] = (torch.randn(5, 5, 4, device=device).requires_grad_()
+                               if initial_state else None)
+    seq_idx = torch.tensor([[0, 0, 0, 0, -1, 4, 4, 4, 4, 4], [2] * 10], dtype=torch.int32,
+                           device=device)
+    out, last_state = run_varlen_op(inputs, case, seq_idx, 5)
+    out_ref, last_ref = run_varlen_reference(as_reference(inputs), case, seq_idx, 5)
+    assert_close(out, out_ref, torch.float32)
+    assert_close(last_state, last_ref, torch.float32)
+    for s in (1, 3):
+        expected = inputs["initial_state"][s] if initial_state else torch.zeros(5, 4)
+        torch.testing.assert_close(last_state[s], expected.to(device), rtol=0, atol=0)
+    if initial_state:
+        dlast = torch.randn_like(last_state)
+        (dinitial,) = torch.autograd.grad((last_state * dlast).sum(), [inputs["initial_state"]])
+        for s in (1, 3):
+            torch.testing.assert_close(dinitial[s], dlast[s], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_row_mode_takes_any_ids(device):
+    # Per-row mode: ids need not lie in a range, and an id may come back in a later run (a new
+    # sequence, since the state restarts wherever seq_idx changes).
+    needs_kernel(device)
+    case = Case(batch=2, seqlen=12, dim=5, dstate=4, initial_state=True)
+    inputs = make_inputs(case, device)
+    seq_idx = torch.tensor([[7, 7, -5, -5, -5, 7, 7, 7, 2**31 - 1, 2**31 - 1, -1, 7],
+                            [-(2**31)] * 6 + [3] * 6], dtype=torch.int32, device=device)
+    out, last_state = run_varlen_op(inputs, case, seq_idx, 0)
+    out_ref, last_ref = run_varlen_reference(as_reference(inputs), case, seq_idx, 0)
+    assert_close(out, out_ref, torch.float32)
+    assert_close(last_state, last_ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_sequence", VARLEN_MODES)
+def test_varlen_gradcheck(per_sequence, device):
+    needs_kernel(device)
+    case = Case(batch=2, dim=3, dstate=4, seqlen=11, C="variable3d", initial_state=True)
+    inputs, seq_idx, num_sequences = make_varlen_inputs(case, per_sequence, True, device,
+                                                        torch.float64)
+    inputs = {k: v.requires_grad_() for k, v in inputs.items()}
+
+    def fn(*args):
+        return run_varlen_op(dict(zip(inputs, args)), case, seq_idx, num_sequences)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs.values()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_sequence", VARLEN_MODES)
+def test_varlen_opcheck(per_sequence, device):
+    needs_kernel(device)
+    case = Case(batch=2, dim=3, dstate=4, seqlen=11, initial_state=True)
+    inputs, seq_idx, num_sequences = make_varlen_inputs(case, per_sequence, True, device)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                "initial_state")]
+    grad_args = [t.detach().requires_grad_() for t in args]
+    torch.library.opcheck(torch.ops.mamba_ext.selective_scan_fwd.default,
+                          (*grad_args, seq_idx, num_sequences, True))
+    dout = torch.randn(2, 3, 11, device=device)
+    dlast = torch.randn_like(inputs["initial_state"])
+    torch.library.opcheck(torch.ops.mamba_ext.selective_scan_bwd.default,
+                          (dout, dlast, *args, seq_idx, num_sequences, True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packing", ["seq_idx", "cu_seqlens"])
+def test_varlen_torch_compile_matches_eager(packing, device):
+    needs_kernel(device)
+    case = Case(batch=1 if packing == "cu_seqlens" else 2, dim=6, dstate=8, seqlen=33,
+                ngroups=2)
+    inputs = {k: v.requires_grad_() for k, v in make_inputs(case, device).items()
+              if v is not None}
+    if packing == "cu_seqlens":
+        packed = dict(cu_seqlens=torch.tensor([0, 5, 5, 20, 30], dtype=torch.int32,
+                                              device=device))
+        inputs["initial_state"] = torch.randn(4, 6, 8, device=device, requires_grad=True)
+    else:
+        packed = dict(seq_idx=make_seq_idx(2, 33, False, True, device)[0])
+        inputs["initial_state"] = torch.randn(2, 6, 8, device=device, requires_grad=True)
+
+    def scan_loss(**kwargs):
+        out, last_state = selective_scan_fn(**kwargs, **packed, delta_softplus=True,
+                                            return_last_state=True)
+        return (out * out).sum() + (last_state * last_state).sum()
+
+    assert_compiled_matches_eager(scan_loss, inputs)
+
+
+def test_varlen_backward_does_not_depend_on_thread_count():
+    case = Case(batch=2, dim=80, dstate=16, seqlen=300, C="variable3d", B="variable3d",
+                initial_state=True)
+    inputs, seq_idx, num_sequences = make_varlen_inputs(case, True, True)
+    dout = torch.randn(2, 80, 300)
+    dlast = torch.randn_like(inputs["initial_state"])
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                "initial_state")]
+    assert_backward_does_not_depend_on_thread_count(dout, dlast, *args, seq_idx, num_sequences,
+                                                    True)
+
+
+def test_per_sequence_mode_with_no_tokens():
+    case = Case(batch=2, seqlen=0)
+    inputs = make_inputs(case)
+    inputs["initial_state"] = torch.randn(3, 5, 16)
+    out, last_state = run_varlen_op(inputs, case, torch.zeros(2, 0, dtype=torch.int32), 3)
+    assert out.shape == (2, 5, 0)
+    torch.testing.assert_close(last_state, inputs["initial_state"], rtol=0, atol=0)
+
+
+# Bad packing arguments: (seq_idx, num_sequences, initial_state given the good inputs,
+# exception, message). The good inputs have batch 2, dim 5, seqlen 3, dstate 16.
+BAD_PACKING = [
+    ("dtype", lambda: torch.zeros(2, 3, dtype=torch.int64), 0, None, TypeError,
+     r"seq_idx must have dtype Int \(sequence indices\), got Long"),
+    ("shape", lambda: torch.zeros(2, 4, dtype=torch.int32), 0, None, ValueError,
+     r"seq_idx must have shape \(batch, seqlen\) = \(2, 3\), got \(2, 4\)"),
+    ("rank", lambda: torch.zeros(6, dtype=torch.int32), 0, None, ValueError,
+     r"seq_idx must have shape \(batch, seqlen\) = \(2, 3\), got \(6,\)"),
+    ("negative_num_sequences", lambda: torch.zeros(2, 3, dtype=torch.int32), -1, None,
+     ValueError, r"num_sequences must be >= 0 \(0: per-row states\), got -1"),
+    ("num_sequences_without_seq_idx", lambda: None, 2, None, ValueError,
+     r"seq_idx must be given when num_sequences > 0 \(per-sequence states\), got None with "
+     r"num_sequences = 2"),
+    ("per_row_initial_state_in_per_sequence_mode",
+     lambda: torch.tensor([[0, 0, 1], [2, 2, 2]], dtype=torch.int32), 3, lambda i: i["initial_state"], ValueError,
+     r"initial_state must have shape \(num_sequences, dim, dstate\) = \(3, 5, 16\), "
+     r"got \(2, 5, 16\)"),
+    ("value_above_range", lambda: torch.tensor([[0, 1, 2], [3, 3, 4]], dtype=torch.int32), 4,
+     None, ValueError, r"seq_idx must have values in \[-1, num_sequences\) = \[-1, 4\), "
+     r"got 4 at \(1, 2\)"),
+    ("value_below_range", lambda: torch.tensor([[0, -2, 1], [2, 2, 2]], dtype=torch.int32), 4,
+     None, ValueError, r"seq_idx must have values in \[-1, num_sequences\) = \[-1, 4\), "
+     r"got -2 at \(0, 1\)"),
+    ("second_run_in_a_row", lambda: torch.tensor([[0, 1, 0], [2, 2, 2]], dtype=torch.int32), 3,
+     None, ValueError, r"seq_idx must give each sequence one run of tokens in per-sequence mode "
+     r"\(num_sequences > 0\), got a second run of sequence 0 starting at \(0, 2\)"),
+    ("second_run_in_another_row",
+     lambda: torch.tensor([[0, 0, 1], [1, 2, 2]], dtype=torch.int32), 3, None, ValueError,
+     r"seq_idx must give each sequence one run of tokens .*, got a second run of sequence 1 "
+     r"starting at \(1, 0\)"),
+]
+
+
+@pytest.mark.parametrize("op", ["selective_scan_fwd", "selective_scan_bwd"])
+@pytest.mark.parametrize("seq_idx,num_sequences,initial_state,error,message", [
+    b[1:] for b in BAD_PACKING], ids=[b[0] for b in BAD_PACKING])
+def test_bad_packing_is_refused(seq_idx, num_sequences, initial_state, error, message, op):
+    inputs = _good_inputs()
+    inputs["initial_state"] = initial_state(inputs) if initial_state else None
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                "initial_state")]
+    with pytest.raises(error, match=f"{op}: {message}"):
+        if op == "selective_scan_fwd":
+            torch.ops.mamba_ext.selective_scan_fwd(*args, seq_idx(), num_sequences, True)
+        else:
+            torch.ops.mamba_ext.selective_scan_bwd(torch.zeros(2, 5, 3), None, *args, seq_idx(),
+                                                   num_sequences, True)
+
+
+def test_bad_dlast_state_in_per_sequence_mode_is_refused():
+    inputs = _good_inputs()
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    seq_idx = torch.tensor([[0, 0, 1], [2, 2, -1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"selective_scan_bwd: dlast_state must have shape "
+                       r"\(num_sequences, dim, dstate\) = \(4, 5, 16\), got \(2, 5, 16\)"):
+        torch.ops.mamba_ext.selective_scan_bwd(torch.zeros(2, 5, 3), torch.zeros(2, 5, 16),
+                                               *args, None, seq_idx, 4, True)
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(seq_idx=torch.zeros(1, 3, dtype=torch.int32), cu_seqlens=torch.tensor([0, 3])),
+     ValueError, r"cu_seqlens must not be given together with seq_idx, got both"),
+    (dict(cu_seqlens=torch.tensor([0.0, 3.0])), TypeError,
+     r"cu_seqlens must have dtype int32 or int64, got torch.float32"),
+    (dict(cu_seqlens=torch.tensor([[0, 3]])), ValueError,
+     r"cu_seqlens must have shape \(num_sequences \+ 1,\), got \(1, 2\)"),
+])
+def test_bad_cu_seqlens_is_refused(kwargs, error, message):
+    inputs = make_inputs(Case(batch=1))
+    with pytest.raises(error, match=f"selective_scan_fn: {message}"):
+        selective_scan_fn(**inputs, **kwargs)
+
+
+def test_cu_seqlens_needs_batch_1():
+    inputs = make_inputs(Case(batch=2))
+    with pytest.raises(ValueError, match=r"selective_scan_fn: u must have batch 1 with "
+                       r"cu_seqlens \(sequences packed along seqlen\), got shape \(2, 5, 3\)"):
+        selective_scan_fn(**inputs, cu_seqlens=torch.tensor([0, 3]))
+
+
+@pytest.mark.cuda
+def test_seq_idx_on_another_device_is_refused():
+    needs_kernel("cuda")
+    inputs = _good_inputs("cuda")
+    with pytest.raises(ValueError, match=r"selective_scan_fwd: seq_idx must be on cuda"):
+        selective_scan_fn(**inputs, seq_idx=torch.zeros(2, 3, dtype=torch.int32))

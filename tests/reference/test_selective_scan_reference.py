@@ -137,3 +137,107 @@ def test_reference_is_differentiable():
                                   return_last_state=True)
 
     assert torch.autograd.gradcheck(fn, tuple(tensors.values()))
+
+
+# --- packed variable-length batches: the same as running each sequence on its own.
+
+def _tokens(inputs, begin, end, row=slice(None)):
+    """The inputs of tokens [begin, end) of the rows `row` (a slice, to keep the batch dim)."""
+    sliced = {}
+    for name, value in inputs.items():
+        if value is None or name in ("A", "D", "delta_bias", "initial_state"):
+            sliced[name] = value
+        elif name in ("B", "C") and value.dim() == 2:
+            sliced[name] = value
+        else:
+            sliced[name] = value[row][..., begin:end]
+    return sliced
+
+
+def _runs(row):
+    """(begin, end, id) of each run of equal values of a list."""
+    runs, begin = [], 0
+    for t in range(1, len(row) + 1):
+        if t == len(row) or row[t] != row[begin]:
+            runs.append((begin, t, row[begin]))
+            begin = t
+    return runs
+
+
+@pytest.mark.parametrize("with_initial_state", [False, True])
+@pytest.mark.parametrize("B_form,C_form", [("variable", "variable"), ("constant", "variable3d")])
+def test_reference_cu_seqlens_matches_separate_sequences(with_initial_state, B_form, C_form):
+    # Padding before the first sequence and after the last, and an empty sequence.
+    cu_seqlens = torch.tensor([2, 6, 6, 7, 12])
+    inputs = make_inputs(batch=1, seqlen=14, B_form=B_form, C_form=C_form)
+    inputs["initial_state"] = torch.randn(4, 4, 3, dtype=torch.float64) if with_initial_state \
+        else None
+    out, last_state = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True,
+                                         cu_seqlens=cu_seqlens)
+    assert last_state.shape == (4, 4, 3)
+    expected_out = torch.zeros_like(out)
+    for s in range(4):
+        begin, end = int(cu_seqlens[s]), int(cu_seqlens[s + 1])
+        alone = _tokens(inputs, begin, end)
+        alone["initial_state"] = inputs["initial_state"][s:s + 1] if with_initial_state else None
+        out_s, last_s = selective_scan_ref(**alone, delta_softplus=True, return_last_state=True)
+        expected_out[..., begin:end] = out_s
+        torch.testing.assert_close(last_state[s], last_s[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    # The empty sequence keeps its initial state.
+    expected_empty = inputs["initial_state"][1] if with_initial_state else torch.zeros(4, 3)
+    torch.testing.assert_close(last_state[1], expected_empty.double())
+
+
+def test_reference_seq_idx_matches_separate_sequences():
+    # Per-row states: the first sequence of a row starts from initial_state[b], later ones from
+    # 0; padding (-1) gives 0 and a row ending in padding has last state 0. Ids may repeat in a
+    # row: each run is its own sequence.
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, -1, -1, 0, 0, 4, 4],
+                            [-1, -1, 3, 3, 3, 3, 7, 7, -1, 2, -1]], dtype=torch.int32)
+    inputs = make_inputs(batch=2, seqlen=11, ngroups=2)
+    out, last_state = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True,
+                                         seq_idx=seq_idx)
+    expected_out = torch.zeros_like(out)
+    for b in range(2):
+        h = torch.zeros(1, 4, 3, dtype=torch.float64)
+        for begin, end, id in _runs(seq_idx[b].tolist()):
+            if id == -1:
+                h = torch.zeros(1, 4, 3, dtype=torch.float64)
+                continue
+            alone = _tokens(inputs, begin, end, row=slice(b, b + 1))
+            alone["initial_state"] = inputs["initial_state"][b:b + 1] if begin == 0 else None
+            expected_out[b:b + 1, :, begin:end], h = selective_scan_ref(
+                **alone, delta_softplus=True, return_last_state=True)
+        torch.testing.assert_close(last_state[b], h[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    assert (last_state[1] == 0).all()
+
+
+def test_reference_constant_seq_idx_is_one_sequence():
+    inputs = make_inputs()
+    out, last_state = selective_scan_ref(**inputs, return_last_state=True)
+    seq_idx = torch.full((2, 9), 5, dtype=torch.int32)
+    out_packed, last_packed = selective_scan_ref(**inputs, return_last_state=True,
+                                                 seq_idx=seq_idx)
+    torch.testing.assert_close(out_packed, out, rtol=0, atol=0)
+    torch.testing.assert_close(last_packed, last_state, rtol=0, atol=0)
+
+
+def test_reference_seq_idx_from_cu_seqlens():
+    from mamba_ext.reference.selective_scan import seq_idx_from_cu_seqlens
+    seq_idx = seq_idx_from_cu_seqlens(torch.tensor([1, 3, 3, 4]), 6)
+    assert seq_idx.tolist() == [[-1, 0, 0, 2, -1, -1]]
+
+
+def test_reference_packed_is_differentiable():
+    inputs = make_inputs(batch=1, dim=2, seqlen=7, dstate=2, C_form="constant")
+    inputs["initial_state"] = torch.randn(3, 2, 2, dtype=torch.float64)
+    tensors = {k: v.requires_grad_() for k, v in inputs.items()}
+    cu_seqlens = torch.tensor([0, 3, 3, 6])
+
+    def fn(*args):
+        return selective_scan_ref(**dict(zip(tensors, args)), delta_softplus=True,
+                                  return_last_state=True, cu_seqlens=cu_seqlens)
+
+    assert torch.autograd.gradcheck(fn, tuple(tensors.values()))

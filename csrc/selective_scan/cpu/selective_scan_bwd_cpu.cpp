@@ -9,7 +9,11 @@
 // and dy_t = dout_t * silu(z_t) (or dout_t):
 //   g += dy_t C_t;  dC_t += dy_t h_t;  dB_t += g dt_t u_t;  du_t = dt_t <g, B_t> + D dy_t
 //   d(dt_t) = <g, A a_t h_{t-1} + B_t u_t>;  dA += g a_t h_{t-1} dt_t;  g *= a_t for step t - 1
-// and dinitial_state is the last g. A variable dB (or dC) sums over the channels of a group:
+// and dinitial_state is the last g. With seq_idx, a chunk is walked run by run (Run in
+// selective_scan_cpu.h): g restarts from dlast_state (or 0) at the last step of each sequence,
+// is dinitial_state at its first, and padding runs get no gradient. Each run's states start with
+// their own h_{t-1} (the checkpoint, or the start state of its sequence), so the states buffer
+// holds one more state per run. A variable dB (or dC) sums over the channels of a group:
 // the lanes of a block add into one (step, state, lane) buffer, summed over the lanes once per
 // chunk into a float partial per block, and a last pass adds the blocks' partials in block order.
 #include <ATen/Parallel.h>
@@ -262,10 +266,12 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
     std::vector<double> dA_sum(lane_groups * state_size), dB_sum(lane_groups * state_size),
         dC_sum(lane_groups * state_size), dD_sum(lane_groups * kLanes),
         ddelta_bias_sum(lane_groups * kLanes);
-    // The chunk: states (chunk + 1, dstate, kLanes), decay (chunk, dstate, kLanes); dB / dC
+    // The chunk: states (chunk + runs, dstate, kLanes) (run k's are from step offset + k, at most
+    // one run without seq_idx and chunk with it), decay (chunk, dstate, kLanes); dB / dC
     // (chunk, dstate, kLanes) added over the block's lane groups when variable (then
     // (chunk, dstate) summed over lanes), one lane group's (dstate, kLanes) when constant.
-    std::vector<acc_t> states((chunk + 1) * state_size), decay(chunk * state_size);
+    std::vector<acc_t> states((chunk + (p.seq_idx ? chunk : 1)) * state_size),
+        decay(chunk * state_size);
     std::vector<acc_t> dB_chunk((p.is_variable_B ? chunk : 1) * state_size),
         dC_chunk((p.is_variable_C ? chunk : 1) * state_size);
     std::vector<acc_t> dA_chunk(state_size);
@@ -273,6 +279,8 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
     std::vector<acc_t> u(chunk * kLanes), delta(chunk * kLanes), dt(chunk * kLanes),
         dt_u(chunk * kLanes), z(chunk * kLanes), dout(chunk * kLanes), dy(chunk * kLanes),
         du(chunk * kLanes), ddelta(chunk * kLanes), y(chunk * kLanes);
+    std::vector<Run> runs;
+    runs.reserve(chunk);
 
     for (int64_t block = task_begin; block < task_end; ++block) {
       const int64_t begin = blocks.begin(block), end = blocks.end(block);
@@ -294,34 +302,38 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
         std::fill(sum->begin(), sum->end(), 0.0);
 
       for (int64_t b = 0; b < p.batch; ++b) {
-        // Forward: the checkpoints.
-        for (int64_t lg = 0; lg < groups_here; ++lg)
-          load_state_lanes(p.initial_state, p.initial_state_batch_stride,
-                           p.initial_state_dim_stride, p.initial_state_dstate_stride, b,
-                           p.dstate, lane_group(begin, end, lg), h.data() + lg * state_size);
+        // Forward: the checkpoints, the states h_{t0 - 1} before each chunk.
         for (int64_t c = 0; c < nchunks; ++c) {
           const int64_t t0 = c * chunk, len = std::min(chunk, p.seqlen - t0);
+          split_runs(p, b, t0, len, runs);
           B.template load_chunk<input_t>(b, group, t0, len);
           for (int64_t lg = 0; lg < groups_here; ++lg) {
+            const Lanes lanes = lane_group(begin, end, lg);
             acc_t* h_lg = h.data() + lg * state_size;
             std::copy(h_lg, h_lg + state_size,
                       checkpoints.data() + (lg * nchunks + c) * state_size);
-            load_step_inputs<input_t>(p, b, lane_group(begin, end, lg),
-                                      lane_group(begin, end, lg + 1), t0, len,
+            load_step_inputs<input_t>(p, b, lanes, lane_group(begin, end, lg + 1), t0, len,
                                       delta_bias.data() + lg * kLanes, u.data(), delta.data(),
                                       dt.data(), dt_u.data());
-            advance_chunk(len, p.dstate, dt.data(), dt_u.data(),
-                          A_log2e.data() + lg * state_size, B.rows(lg), B.step(), h_lg);
+            for (const Run& run : runs) {
+              reset_state(p, b, t0, run, lanes, h_lg);
+              if (run.padding) continue;
+              advance_chunk(run.len, p.dstate, dt.data() + run.offset * kLanes,
+                            dt_u.data() + run.offset * kLanes, A_log2e.data() + lg * state_size,
+                            B.rows(lg) + run.offset * B.step(), B.step(), h_lg);
+            }
           }
         }
 
-        // Backward, chunk by chunk from the last.
+        // Backward, chunk by chunk from the last. Per-row mode's g for seqlen 0; the last step of
+        // a sequence loads it again.
         for (int64_t lg = 0; lg < groups_here; ++lg)
           load_state_lanes(p.dlast_state, p.dlast_state_batch_stride, p.dlast_state_dim_stride,
-                           p.dlast_state_dstate_stride, b, p.dstate, lane_group(begin, end, lg),
-                           g.data() + lg * state_size);
+                           p.dlast_state_dstate_stride, p.num_sequences > 0 ? -1 : b, p.dstate,
+                           lane_group(begin, end, lg), g.data() + lg * state_size);
         for (int64_t c = nchunks - 1; c >= 0; --c) {
           const int64_t t0 = c * chunk, len = std::min(chunk, p.seqlen - t0);
+          split_runs(p, b, t0, len, runs);
           B.template load_chunk<input_t>(b, group, t0, len);
           C.template load_chunk<input_t>(b, group, t0, len);
           if (p.is_variable_B) std::fill(dB_chunk.begin(), dB_chunk.begin() + len * state_size, 0);
@@ -338,19 +350,52 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
             const acc_t* z_or_null = p.z ? z.data() : nullptr;
             gate_gradient(len * kLanes, z_or_null, dout.data(), dy.data());
 
+            // The states of each run from its h_{t-1}: the checkpoint for a first run that
+            // continues the previous chunk's sequence, the start state for a run that starts one.
             const acc_t* checkpoint = checkpoints.data() + (lg * nchunks + c) * state_size;
-            std::copy(checkpoint, checkpoint + state_size, states.begin());
-            recompute_chunk(len, p.dstate, dt.data(), dt_u.data(),
-                            A_log2e.data() + lg * state_size, B.rows(lg), B.step(),
-                            states.data(), decay.data());
+            for (size_t k = 0; k < runs.size(); ++k) {
+              const Run& run = runs[k];
+              if (run.padding) continue;
+              acc_t* run_states = states.data() + (run.offset + k) * state_size;
+              if (run.starts)
+                reset_state(p, b, t0, run, lanes, run_states);
+              else
+                std::copy(checkpoint, checkpoint + state_size, run_states);
+              recompute_chunk(run.len, p.dstate, dt.data() + run.offset * kLanes,
+                              dt_u.data() + run.offset * kLanes,
+                              A_log2e.data() + lg * state_size,
+                              B.rows(lg) + run.offset * B.step(), B.step(), run_states,
+                              decay.data() + run.offset * state_size);
+            }
             if (!p.is_variable_B) std::fill(dB_chunk.begin(), dB_chunk.end(), 0);
             if (!p.is_variable_C) std::fill(dC_chunk.begin(), dC_chunk.end(), 0);
             std::fill(dA_chunk.begin(), dA_chunk.end(), 0);
-            backward_chunk(len, p.dstate, dt.data(), dt_u.data(), u.data(), dy.data(),
-                           A.data() + lg * state_size, B.rows(lg), B.step(), C.rows(lg),
-                           C.step(), states.data(), decay.data(), g.data() + lg * state_size,
-                           dB_chunk.data(), B.step(), dC_chunk.data(), C.step(), dA_chunk.data(),
-                           du.data(), ddelta.data(), y.data());
+            acc_t* g_lg = g.data() + lg * state_size;
+            for (size_t k = runs.size(); k-- > 0;) {
+              const Run& run = runs[k];
+              if (run.ends || run.padding)
+                load_state_lanes(p.dlast_state, p.dlast_state_batch_stride,
+                                 p.dlast_state_dim_stride, p.dlast_state_dstate_stride,
+                                 end_row(p, b, t0, run), p.dstate, lanes, g_lg);
+              if (run.padding) continue;
+              const int64_t at = run.offset * kLanes;
+              backward_chunk(run.len, p.dstate, dt.data() + at, dt_u.data() + at, u.data() + at,
+                             dy.data() + at, A.data() + lg * state_size,
+                             B.rows(lg) + run.offset * B.step(), B.step(),
+                             C.rows(lg) + run.offset * C.step(), C.step(),
+                             states.data() + (run.offset + k) * state_size,
+                             decay.data() + run.offset * state_size, g_lg,
+                             dB_chunk.data() + run.offset * B.step(), B.step(),
+                             dC_chunk.data() + run.offset * C.step(), C.step(), dA_chunk.data(),
+                             du.data() + at, ddelta.data() + at, y.data() + at);
+              if (run.starts && p.num_sequences > 0 && p.dinitial_state != nullptr)
+                store_state_lanes(g_lg, p.dinitial_state, p.dinitial_state_batch_stride,
+                                  p.dinitial_state_dim_stride, p.dinitial_state_dstate_stride,
+                                  run.id, p.dstate, lanes);
+            }
+            // Padding steps have no gradient: what finish_gradients reads there is zeroed.
+            zero_padding<acc_t>(runs, {dout.data(), dy.data(), du.data(), ddelta.data(),
+                                       y.data()});
             finish_gradients(len, D.data() + lg * kLanes, p.delta_softplus, u.data(),
                              delta.data(), z_or_null, dout.data(), dy.data(), du.data(),
                              ddelta.data(), y.data(), dD_sum.data() + lg * kLanes,
@@ -379,7 +424,8 @@ template <typename input_t> void selective_scan_bwd_cpu(const SelectiveScanBwdPa
             sum_over_lanes(dC_chunk.data(), len, p.dstate, dC_partials.get() + partial_offset);
         }
 
-        if (p.dinitial_state != nullptr)
+        // Per-row mode: g at step 0 (0 when it is padding); per-sequence ones are stored above.
+        if (p.dinitial_state != nullptr && p.num_sequences == 0)
           for (int64_t lg = 0; lg < groups_here; ++lg)
             store_state_lanes(g.data() + lg * state_size, p.dinitial_state,
                               p.dinitial_state_batch_stride, p.dinitial_state_dim_stride,

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <vector>
 
 #include "common/math.h"
@@ -268,12 +269,12 @@ void load_channel_lanes(const void* base, int64_t stride, Lanes lanes, acc_t* ds
                                                 : acc_t(0);
 }
 
-// The lane group's rows of batch entry b of a (batch, dim, dstate) state into dst
-// (dstate, kLanes); zeros when it is absent.
+// The lane group's rows of row b of a (rows, dim, dstate) state into dst (dstate, kLanes);
+// zeros when it is absent or b is -1.
 template <typename acc_t>
 void load_state_lanes(const void* state, int64_t batch_stride, int64_t dim_stride,
                       int64_t dstate_stride, int64_t b, int64_t dstate, Lanes lanes, acc_t* dst) {
-  if (state == nullptr) {
+  if (state == nullptr || b < 0) {
     std::fill(dst, dst + dstate * kLanes, acc_t(0));
     return;
   }
@@ -302,6 +303,74 @@ void load_step_inputs(const SelectiveScanFwdParams& p, int64_t b, Lanes lanes, L
   load_lanes<input_t>(p.delta, p.delta_batch_stride, p.delta_dim_stride, p.delta_seqlen_stride,
                       b, lanes, next, t0, len, delta);
   compute_dt(len, delta_bias, p.delta_softplus, u, delta, dt, dt_u);
+}
+
+// A run of steps [t0 + offset, t0 + offset + len) of one row that share a seq_idx value, within
+// a chunk: the kernels walk a chunk run by run, resetting the state where a sequence starts.
+// Without seq_idx a chunk is one run of sequence 0.
+struct Run {
+  int64_t offset, len;
+  int32_t id;        // seq_idx of its steps
+  bool padding;      // seq_idx = -1: out 0, state 0, no gradient
+  bool starts, ends;  // its first step starts a sequence, its last step ends one
+};
+
+// The runs of steps [t0, t0 + len) of row b into `runs` (cleared first).
+inline void split_runs(const SelectiveScanFwdParams& p, int64_t b, int64_t t0, int64_t len,
+                       std::vector<Run>& runs) {
+  runs.clear();
+  if (p.seq_idx == nullptr) {
+    runs.push_back({0, len, 0, false, t0 == 0, t0 + len == p.seqlen});
+    return;
+  }
+  const int32_t* ids = p.seq_idx + b * p.seq_idx_batch_stride;
+  auto id_at = [&](int64_t t) { return ids[t * p.seq_idx_seqlen_stride]; };
+  int64_t offset = 0;
+  while (offset < len) {
+    const int32_t id = id_at(t0 + offset);
+    int64_t end = offset + 1;
+    while (end < len && id_at(t0 + end) == id) ++end;
+    const int64_t first = t0 + offset, last = t0 + end - 1;
+    runs.push_back({offset, end - offset, id, id == -1,
+                    first == 0 || id_at(first - 1) != id,
+                    last == p.seqlen - 1 || id_at(last + 1) != id});
+    offset = end;
+  }
+}
+
+// The row of a (rows, dim, dstate) state that a run starting a sequence begins from
+// (initial_state, dinitial_state) or that one ending it ends in (last_state, dlast_state); -1
+// when there is none: the state is 0 there, or the sequence's state is not kept. Per-row mode
+// keeps row b's state at its first and last step; per-sequence mode every sequence's.
+inline int64_t start_row(const SelectiveScanFwdParams& p, int64_t b, int64_t t0, const Run& run) {
+  if (run.padding) return -1;
+  if (p.num_sequences > 0) return run.id;
+  return t0 + run.offset == 0 ? b : -1;
+}
+inline int64_t end_row(const SelectiveScanFwdParams& p, int64_t b, int64_t t0, const Run& run) {
+  if (run.padding) return -1;
+  if (p.num_sequences > 0) return run.id;
+  return t0 + run.offset + run.len == p.seqlen ? b : -1;
+}
+
+// Where a run starts a sequence, h (dstate, kLanes) of a lane group becomes the sequence's start
+// state; through padding it is 0.
+template <typename acc_t>
+void reset_state(const SelectiveScanFwdParams& p, int64_t b, int64_t t0, const Run& run,
+                 Lanes lanes, acc_t* h) {
+  if (run.starts || run.padding)
+    load_state_lanes(p.initial_state, p.initial_state_batch_stride, p.initial_state_dim_stride,
+                     p.initial_state_dstate_stride, start_row(p, b, t0, run), p.dstate, lanes, h);
+}
+
+// Zeros the steps of the padding runs in each (len, kLanes) buffer.
+template <typename acc_t>
+void zero_padding(const std::vector<Run>& runs, std::initializer_list<acc_t*> buffers) {
+  for (const Run& run : runs)
+    if (run.padding)
+      for (acc_t* buffer : buffers)
+        std::fill(buffer + run.offset * kLanes, buffer + (run.offset + run.len) * kLanes,
+                  acc_t(0));
 }
 
 // B or C as the recurrence reads it: (step, state, lane) rows of acc_t. A variable one is

@@ -1,7 +1,7 @@
 // Selective scan forward on the CPU: tasks over (batch entry, block of channels of one group) run
 // in parallel; each walks time in chunks, loads the chunk of B and C once for its block, and runs
 // the recurrence of each lane group of kLanes channels over the chunk (selective_scan_cpu.h
-// explains the layout).
+// explains the layout), run by run where seq_idx splits it into sequences.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -76,6 +76,8 @@ template <typename input_t> void selective_scan_fwd_cpu(const SelectiveScanFwdPa
     // One lane group's rows over the chunk, (chunk, kLanes) each.
     std::vector<acc_t> u(chunk * kLanes), delta(chunk * kLanes), dt(chunk * kLanes),
         dt_u(chunk * kLanes), z(chunk * kLanes), y(chunk * kLanes);
+    std::vector<Run> runs;
+    runs.reserve(chunk);
 
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t b = task / blocks.count, block = task % blocks.count;
@@ -87,9 +89,11 @@ template <typename input_t> void selective_scan_fwd_cpu(const SelectiveScanFwdPa
         const Lanes lanes = lane_group(begin, end, lg);
         load_weight_lanes(p.A, p.A_dim_stride, p.A_dstate_stride, p.dstate, lanes, kLog2e<acc_t>,
                           A_log2e.data() + lg * state_size);
+        // Per-row mode's state for seqlen 0; a sequence's first step loads it again.
         load_state_lanes(p.initial_state, p.initial_state_batch_stride,
-                         p.initial_state_dim_stride, p.initial_state_dstate_stride, b, p.dstate,
-                         lanes, h.data() + lg * state_size);
+                         p.initial_state_dim_stride, p.initial_state_dstate_stride,
+                         p.num_sequences > 0 ? -1 : b, p.dstate, lanes,
+                         h.data() + lg * state_size);
         load_channel_lanes(p.D, p.D_stride, lanes, D.data() + lg * kLanes);
         load_channel_lanes(p.delta_bias, p.delta_bias_stride, lanes,
                            delta_bias.data() + lg * kLanes);
@@ -97,27 +101,42 @@ template <typename input_t> void selective_scan_fwd_cpu(const SelectiveScanFwdPa
 
       for (int64_t t0 = 0; t0 < p.seqlen; t0 += chunk) {
         const int64_t len = std::min(chunk, p.seqlen - t0);
+        split_runs(p, b, t0, len, runs);
         B.template load_chunk<input_t>(b, group, t0, len);
         C.template load_chunk<input_t>(b, group, t0, len);
         for (int64_t lg = 0; lg < groups_here; ++lg) {
           const Lanes lanes = lane_group(begin, end, lg), next = lane_group(begin, end, lg + 1);
+          acc_t* h_lg = h.data() + lg * state_size;
           load_step_inputs<input_t>(p, b, lanes, next, t0, len, delta_bias.data() + lg * kLanes,
                                     u.data(), delta.data(), dt.data(), dt_u.data());
-          scan_chunk(len, p.dstate, dt.data(), dt_u.data(), A_log2e.data() + lg * state_size,
-                     B.rows(lg), B.step(), C.rows(lg), C.step(), h.data() + lg * state_size,
-                     y.data());
+          for (const Run& run : runs) {
+            reset_state(p, b, t0, run, lanes, h_lg);
+            if (run.padding) continue;
+            const int64_t at = run.offset * kLanes;
+            scan_chunk(run.len, p.dstate, dt.data() + at, dt_u.data() + at,
+                       A_log2e.data() + lg * state_size, B.rows(lg) + run.offset * B.step(),
+                       B.step(), C.rows(lg) + run.offset * C.step(), C.step(), h_lg,
+                       y.data() + at);
+            if (run.ends && p.num_sequences > 0)
+              store_state_lanes(h_lg, p.last_state, p.last_state_batch_stride,
+                                p.last_state_dim_stride, p.last_state_dstate_stride, run.id,
+                                p.dstate, lanes);
+          }
           if (p.z != nullptr)
             load_lanes<input_t>(p.z, p.z_batch_stride, p.z_dim_stride, p.z_seqlen_stride, b,
                                 lanes, next, t0, len, z.data());
           finish_output(len, D.data() + lg * kLanes, u.data(), p.z ? z.data() : nullptr,
                         y.data());
+          zero_padding<acc_t>(runs, {y.data()});
           store_lanes<input_t>(y.data(), p.out, p.out_batch_stride, p.out_dim_stride,
                                p.out_seqlen_stride, b, lanes, next, t0, len);
         }
       }
 
-      for (int64_t lg = 0; lg < groups_here; ++lg)
-        store_state_lanes(h.data() + lg * state_size, p.last_state, p.last_state_batch_stride,
+      // Per-row mode: h_{seqlen-1} (0 after padding); per-sequence states are stored above.
+      if (p.num_sequences == 0)
+        for (int64_t lg = 0; lg < groups_here; ++lg)
+          store_state_lanes(h.data() + lg * state_size, p.last_state, p.last_state_batch_stride,
                           p.last_state_dim_stride, p.last_state_dstate_stride, b, p.dstate,
                           lane_group(begin, end, lg));
     }

@@ -140,7 +140,7 @@ inline SelectiveScanCudaGeometry selective_scan_cuda_geometry(int64_t dim, int64
                                                               int64_t dstate,
                                                               bool double_precision,
                                                               int states_per_thread,
-                                                              int max_slices) {
+                                                              int max_slices, int max_warps) {
   SelectiveScanCudaGeometry g{};
   g.chunk = selective_scan_cuda_chunk(double_precision);
   g.states_per_thread = states_per_thread;
@@ -149,25 +149,24 @@ inline SelectiveScanCudaGeometry selective_scan_cuda_geometry(int64_t dim, int64
   g.slices = (slices + g.slice_blocks - 1) / g.slice_blocks;
   const int64_t channel_warps_needed = (dim / ngroups + 31) / 32;
   g.channel_warps = static_cast<int>(
-      std::min<int64_t>(std::max(1, 8 / g.slices), channel_warps_needed));
+      std::min<int64_t>(std::max(1, max_warps / g.slices), channel_warps_needed));
   g.channel_blocks_per_group =
       (dim / ngroups + g.channels_per_block() - 1) / g.channels_per_block();
   return g;
 }
 
-// The forward keeps 4 states a thread up to dstate 64 and 16 above, in one block of at most 16
-// slices. The backward keeps 4 (it holds 8 tokens of their history in registers), with at most
-// 8 slices (256 threads) a block.
+// The forward keeps 16 states a thread, all slices in one block (up to 16 warps), 4 warps of
+// channels at dstate <= 16 (2 blocks an SM at batch 8, dim 4096). The backward keeps 4 (it
+// holds 8 tokens of their history in registers), with at most 8 slices (256 threads) a block.
 inline SelectiveScanCudaGeometry selective_scan_fwd_cuda_geometry(const SelectiveScanFwdParams& p,
                                                                   bool double_precision) {
-  return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision,
-                                      p.dstate <= 64 ? 4 : 16, 16);
+  return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision, 16, 16, 4);
 }
 constexpr int kScanBwdStatesPerThread = 4;
 inline SelectiveScanCudaGeometry selective_scan_bwd_cuda_geometry(const SelectiveScanFwdParams& p,
                                                                   bool double_precision) {
   return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision,
-                                      kScanBwdStatesPerThread, 8);
+                                      kScanBwdStatesPerThread, 8, 8);
 }
 
 // CPU kernels, instantiated for float, double, c10::Half and c10::BFloat16.

@@ -1,126 +1,425 @@
 // Forward of the selective scan on CUDA: one pass over the sequence, fusing dt (bias,
-// softplus), the decay exp, the scan, the C contraction, D and the z gate.
+// softplus), the decay exp, the scan, the C contraction, D, the z gate and the sequence resets
+// of a packed batch.
 //
-// Each thread walks its channel's tokens in order with kStates states in registers; per token
-// and state: one exp2 and four FMA-pipe instructions. A chunk of tokens is staged in shared
-// memory: dt and dt * u per channel, B and C per token (broadcast to the block), the y partials
-// of each state slice; then the block adds the slices and writes out with the token loop on
-// the lanes (coalesced).
+// A thread owns one channel and 16 of its states (a state slice; dstate > 16 takes several
+// slices, in different warps of the block). It walks the tokens in order; per (token, state)
+// one exp2 (A comes pre-scaled by log2 e) and four FMA-pipe instructions. Per token it computes
+// dt, dt * u and the output of its channel once, for all 16 states.
+//
+// Tokens go by chunks of kChunk. Per chunk the block stages in shared memory:
+//   u, delta, z tiles   [channels][kChunk] in the input type, double-buffered: the next chunk's
+//                       tiles arrive by cp.async while this one is computed. The output
+//                       overwrites u in place and leaves in 16-byte coalesced stores;
+//   seq_idx             [kChunk] int32, with the tiles;
+//   variable B and C    [kChunk][states] in acc_type (a thread reads its 16 states of a token
+//                       as 4 broadcast 16-byte reads), converted from raw [states][kChunk]
+//                       tiles that arrive by cp.async, or read directly from global memory
+//                       when the raw tiles would not fit (dstate > 128 in 32-bit types);
+//                       a constant B or C sits there as [channels][states + 16 bytes] for the
+//                       whole kernel (registers would spill);
+//   y partials          [slices][kChunk][channels] when there are several state slices.
 #pragma once
 
+#include <climits>
+
+#include "common/cuda_async_copy.cuh"
 #include "selective_scan/cuda/selective_scan_common.cuh"
 
 namespace mamba_ext {
 namespace scan_cuda {
 
-template <int kChunk, typename acc_t>
-__host__ __device__ inline int64_t fwd_smem_elements(const SelectiveScanCudaGeometry& g) {
-  const int64_t rows = kChunk * (g.channels_per_block() + 1);
-  return (2 + g.slices) * rows + 2 * kChunk * g.slices * g.states_per_thread;
+constexpr int kFwdStates = 16;  // states a thread keeps
+constexpr int kFwdWarps = 4;    // warps of channels a block, for dstate <= 16
+
+// Which streams move by 16-byte vectors (token stride 1, 16-byte aligned rows); the others go
+// element by element, synchronously.
+struct FwdVectorized {
+  bool u, delta, z, out, B, C;
+};
+
+// The shared memory of a block, in bytes from its start.
+template <typename input_t> struct FwdTiles {
+  using acc_t = acc_type<input_t>;
+  static constexpr int kChunk = selective_scan_cuda_chunk(sizeof(acc_t) == 8);
+  // A tile row: kChunk tokens and 16 bytes, an odd multiple of 16 bytes, so that 8 lanes
+  // reading 16 bytes of 8 rows hit distinct banks.
+  static constexpr int kPitch = kChunk * sizeof(input_t) + 16;
+  static constexpr int kPitchElements = kPitch / sizeof(input_t);
+  int channels, states, slices;
+  bool async_BC;
+
+  __host__ __device__ int tile_bytes() const { return channels * kPitch; }
+  __host__ __device__ int stage_bytes() const { return 3 * tile_bytes() + kChunk * 4; }
+  __host__ __device__ int stage(int s) const { return s * stage_bytes(); }
+  __host__ __device__ int raw_BC() const { return 2 * stage_bytes(); }
+  __host__ __device__ int BC_acc() const {
+    return raw_BC() + (async_BC ? 2 * states * kPitch : 0);
+  }
+  // Row stride of a constant B or C: 16 bytes of padding, as kPitch.
+  __host__ __device__ int const_stride() const { return states + 16 / sizeof(acc_t); }
+  __host__ __device__ int BC_elements() const {
+    return kChunk * states > channels * const_stride() ? kChunk * states
+                                                       : channels * const_stride();
+  }
+  __host__ __device__ int y_partials() const {
+    return BC_acc() + 2 * BC_elements() * static_cast<int>(sizeof(acc_t));
+  }
+  __host__ __device__ int total() const {
+    return y_partials() +
+           (slices > 1 ? slices * kChunk * channels * static_cast<int>(sizeof(acc_t)) : 0);
+  }
+};
+
+template <typename T> struct Vec16 {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+template <typename T> __device__ __forceinline__ Vec16<T> load_vec16(const T* smem) {
+  Vec16<T> r;
+  *reinterpret_cast<uint4*>(r.v) = *reinterpret_cast<const uint4*>(smem);
+  return r;
 }
 
-template <typename input_t, int kStates>
-__global__ void __launch_bounds__(512)
-    selective_scan_fwd_kernel(const SelectiveScanFwdParams p, const SelectiveScanCudaGeometry g) {
-  using acc_t = acc_type<input_t>;
-  constexpr int kChunk = selective_scan_cuda_chunk(sizeof(acc_t) == 8);
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  const BlockPosition pos = block_position(p, g);
-  const int cs = pos.channel_stride, c = pos.channel_in_block;
-  acc_t* s_dt = reinterpret_cast<acc_t*>(smem_bytes);     // [kChunk][cs]
-  acc_t* s_dtu = s_dt + kChunk * cs;                      // [kChunk][cs]
-  acc_t* s_y = s_dtu + kChunk * cs;                       // [slices][kChunk][cs]
-  acc_t* s_B = s_y + g.slices * kChunk * cs;              // [kChunk][padded_states]
-  acc_t* s_C = s_B + kChunk * pos.padded_states;          // [kChunk][padded_states]
+__device__ __forceinline__ float softplus_fast(float x) {
+  return x <= 20.0f ? log1pf(__expf(x)) : x;
+}
+__device__ __forceinline__ double softplus_fast(double x) { return softplus(x); }
+__device__ __forceinline__ float silu_fast(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
+__device__ __forceinline__ double silu_fast(double x) { return silu(x); }
 
+// Rows [0, rows) x tokens [token0, token0 + kChunk) of a (row, token) matrix at `base` into
+// tile[rows][kPitchElements]; zeros for rows >= valid_rows and tokens >= seqlen. Vectorised:
+// asynchronous 16-byte copies; otherwise element by element.
+template <typename input_t>
+__device__ __forceinline__ void load_tile(input_t* tile, const input_t* base, int64_t row_stride,
+                                          int64_t token_stride, int rows, int valid_rows,
+                                          int64_t token0, int64_t seqlen, bool vectorized) {
+  constexpr int kChunk = FwdTiles<input_t>::kChunk;
+  constexpr int kPitch = FwdTiles<input_t>::kPitchElements;
+  constexpr int kPerVec = Vec16<input_t>::kSize, kVecs = kChunk / kPerVec;
+  if (vectorized) {
+    for (int e = threadIdx.x; e < rows * kVecs; e += blockDim.x) {
+      const int r = e / kVecs, v = e % kVecs;
+      const int64_t token = token0 + v * kPerVec;
+      const int64_t left = seqlen - token;
+      const int bytes = (r < valid_rows && left > 0)
+                            ? static_cast<int>(left < kPerVec ? left : kPerVec) * sizeof(input_t)
+                            : 0;
+      cp_async_16(tile + r * kPitch + v * kPerVec, bytes ? base + r * row_stride + token : base,
+                  bytes);
+    }
+  } else {
+    for (int e = threadIdx.x; e < rows * kChunk; e += blockDim.x) {
+      const int r = e / kChunk, t = e % kChunk;
+      const int64_t token = token0 + t;
+      tile[r * kPitch + t] = (r < valid_rows && token < seqlen)
+                                 ? base[r * row_stride + token * token_stride]
+                                 : input_t{};
+    }
+  }
+}
+
+// kMaxThreads: 256 lets the compiler keep the next tokens' loads in flight (about 200
+// registers); 512 (dstate > 128, 16 slices) caps it at 128, with a few spills.
+template <typename input_t, int kMaxThreads>
+__global__ void __launch_bounds__(kMaxThreads, 1)
+    selective_scan_fwd_kernel(const SelectiveScanFwdParams p, const SelectiveScanCudaGeometry g,
+                              const FwdTiles<input_t> tiles, const FwdVectorized vec) {
+  using acc_t = acc_type<input_t>;
+  using Tiles = FwdTiles<input_t>;
+  constexpr int kChunk = Tiles::kChunk, kPitch = Tiles::kPitchElements;
+  constexpr int kPerVec = Vec16<input_t>::kSize, kVecs = kChunk / kPerVec;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const BlockPosition pos = block_position(p, g);
+  const int c = pos.channel_in_block, channels = pos.channels, states = pos.padded_states;
   const int64_t channel = pos.channel0 + c;
-  acc_t A2[kStates], h[kStates], B_const[kStates], C_const[kStates];
+  const int valid_channels = static_cast<int>(
+      pos.group_end - pos.channel0 < channels ? pos.group_end - pos.channel0 : channels);
+  const int64_t states_left = p.dstate - pos.block_state0;
+  const int valid_states = static_cast<int>(states_left < states ? states_left : states);
+  const bool has_out = p.out != nullptr, per_sequence = p.num_sequences > 0;
+
+  // The block's rows of each stream.
+  const input_t* u_rows = static_cast<const input_t*>(p.u) + pos.batch * p.u_batch_stride +
+                          pos.channel0 * p.u_dim_stride;
+  const input_t* delta_rows = static_cast<const input_t*>(p.delta) +
+                              pos.batch * p.delta_batch_stride + pos.channel0 * p.delta_dim_stride;
+  const input_t* z_rows = p.z == nullptr ? nullptr
+                                         : static_cast<const input_t*>(p.z) +
+                                               pos.batch * p.z_batch_stride +
+                                               pos.channel0 * p.z_dim_stride;
+  const input_t* B_rows = static_cast<const input_t*>(p.B) + pos.batch * p.B_batch_stride +
+                          pos.group * p.B_group_stride + pos.block_state0 * p.B_dstate_stride;
+  const input_t* C_rows = static_cast<const input_t*>(p.C) + pos.batch * p.C_batch_stride +
+                          pos.group * p.C_group_stride + pos.block_state0 * p.C_dstate_stride;
+  const int32_t* seq_row =
+      p.seq_idx == nullptr ? nullptr : p.seq_idx + pos.batch * p.seq_idx_batch_stride;
+
+  input_t* raw_B = reinterpret_cast<input_t*>(smem + tiles.raw_BC());
+  input_t* raw_C = raw_B + states * kPitch;
+  acc_t* s_B = reinterpret_cast<acc_t*>(smem + tiles.BC_acc());  // [kChunk][states]
+  acc_t* s_C = s_B + tiles.BC_elements();
+  acc_t* s_y = reinterpret_cast<acc_t*>(smem + tiles.y_partials());  // [slices][kChunk][channels]
+
+  // The next chunk's copies into stage `s` (and the raw B / C tiles).
+  auto issue_loads = [&](int64_t chunk_index, int s) {
+    const int64_t token0 = chunk_index * kChunk;
+    unsigned char* stage = smem + tiles.stage(s);
+    input_t* tile = reinterpret_cast<input_t*>(stage);
+    load_tile(tile, u_rows, p.u_dim_stride, p.u_seqlen_stride, channels, valid_channels, token0,
+              p.seqlen, vec.u);
+    tile += channels * kPitch;
+    load_tile(tile, delta_rows, p.delta_dim_stride, p.delta_seqlen_stride, channels,
+              valid_channels, token0, p.seqlen, vec.delta);
+    tile += channels * kPitch;
+    if (z_rows != nullptr)
+      load_tile(tile, z_rows, p.z_dim_stride, p.z_seqlen_stride, channels, valid_channels, token0,
+                p.seqlen, vec.z);
+    if (seq_row != nullptr) {
+      int32_t* s_seq = reinterpret_cast<int32_t*>(stage + 3 * tiles.tile_bytes());
+      for (int t = threadIdx.x; t < kChunk; t += blockDim.x) {
+        const bool valid = token0 + t < p.seqlen;
+        cp_async_4(s_seq + t, valid ? seq_row + (token0 + t) * p.seq_idx_seqlen_stride : seq_row,
+                   valid ? 4 : 0);
+      }
+    }
+    if (tiles.async_BC) {
+      if (p.is_variable_B)
+        load_tile(raw_B, B_rows, p.B_dstate_stride, p.B_seqlen_stride, states, valid_states,
+                  token0, p.seqlen, vec.B);
+      if (p.is_variable_C)
+        load_tile(raw_C, C_rows, p.C_dstate_stride, p.C_seqlen_stride, states, valid_states,
+                  token0, p.seqlen, vec.C);
+    }
+    cp_async_commit();
+  };
+
+  // s_B[t][n], s_C[t][n] in acc_t for the chunk at token0.
+  auto stage_BC = [&](int64_t token0) {
+    for (int e = threadIdx.x; e < states * kChunk; e += blockDim.x) {
+      const int n = e % states, t = e / states;
+      const bool valid = n < valid_states && token0 + t < p.seqlen;
+      if (p.is_variable_B)
+        s_B[e] = tiles.async_BC ? to_acc(raw_B[n * kPitch + t])
+                 : valid ? to_acc(B_rows[n * p.B_dstate_stride + (token0 + t) * p.B_seqlen_stride])
+                         : acc_t(0);
+      if (p.is_variable_C)
+        s_C[e] = tiles.async_BC ? to_acc(raw_C[n * kPitch + t])
+                 : valid ? to_acc(C_rows[n * p.C_dstate_stride + (token0 + t) * p.C_seqlen_stride])
+                         : acc_t(0);
+    }
+  };
+
+  // A constant B or C: s[channel][state], read by each thread at every token.
+  auto stage_constant = [&](acc_t* s, const void* ptr, int64_t dim_stride, int64_t dstate_stride) {
+    for (int e = threadIdx.x; e < channels * states; e += blockDim.x) {
+      const int ce = e / states, n = e % states;
+      s[ce * tiles.const_stride() + n] =
+          ce < valid_channels && n < valid_states
+              ? static_cast<const acc_t*>(ptr)[(pos.channel0 + ce) * dim_stride +
+                                               (pos.block_state0 + n) * dstate_stride]
+              : acc_t(0);
+    }
+  };
+  if (!p.is_variable_B) stage_constant(s_B, p.B, p.B_dim_stride, p.B_dstate_stride);
+  if (!p.is_variable_C) stage_constant(s_C, p.C, p.C_dim_stride, p.C_dstate_stride);
+  // This thread's 16 states of B and C at token t: B_base[t * B_token_stride], likewise C.
+  const int state_offset = pos.slice * kFwdStates;
+  const acc_t* B_base = p.is_variable_B ? s_B + state_offset
+                                        : s_B + c * tiles.const_stride() + state_offset;
+  const acc_t* C_base = p.is_variable_C ? s_C + state_offset
+                                        : s_C + c * tiles.const_stride() + state_offset;
+  const int B_token_stride = p.is_variable_B ? states : 0;
+  const int C_token_stride = p.is_variable_C ? states : 0;
+
+  acc_t A2[kFwdStates], h[kFwdStates];
   load_thread_states(A2, p.A, channel * p.A_dim_stride, p.A_dstate_stride, p, pos);
 #pragma unroll
-  for (int i = 0; i < kStates; ++i) A2[i] *= acc_t(kLog2e);
-  if (!p.is_variable_B)
-    load_thread_states(B_const, p.B, channel * p.B_dim_stride, p.B_dstate_stride, p, pos);
-  if (!p.is_variable_C)
-    load_thread_states(C_const, p.C, channel * p.C_dim_stride, p.C_dstate_stride, p, pos);
-  load_thread_states(h, p.initial_state,
-                     pos.batch * p.initial_state_batch_stride +
-                         channel * p.initial_state_dim_stride,
-                     p.initial_state_dstate_stride, p, pos);
+  for (int i = 0; i < kFwdStates; ++i) A2[i] *= acc_t(kLog2e);
+  const bool channel_valid = c < valid_channels;
+  const acc_t D = channel_valid ? channel_weight<acc_t>(p.D, p.D_stride, channel) : acc_t(0);
+  const acc_t bias =
+      channel_valid ? channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, channel) : acc_t(0);
+  const int64_t row_state_offset =
+      pos.batch * p.initial_state_batch_stride + channel * p.initial_state_dim_stride;
+  // Per-row states start from initial_state[batch]; per-sequence ones at their first token.
+  if (per_sequence) {
+#pragma unroll
+    for (int i = 0; i < kFwdStates; ++i) h[i] = 0;
+  } else {
+    load_thread_states(h, p.initial_state, row_state_offset, p.initial_state_dstate_stride, p,
+                       pos);
+  }
+  auto store_state = [&](void* ptr, int64_t row) {
+    store_thread_states(h, ptr, row * p.last_state_batch_stride + channel * p.last_state_dim_stride,
+                        p.last_state_dstate_stride, p, pos);
+  };
+  int prev_id = INT_MIN;  // the sequence of the previous token; none before the first
 
   const int64_t nchunks = g.chunks(p.seqlen);
+  if (nchunks > 0) issue_loads(0, 0);
   for (int64_t chunk_index = 0; chunk_index < nchunks; ++chunk_index) {
     const int64_t token0 = chunk_index * kChunk;
+    unsigned char* stage = smem + tiles.stage(chunk_index & 1);
+    input_t* tile_u = reinterpret_cast<input_t*>(stage);
+    const input_t* tile_delta = tile_u + channels * kPitch;
+    const input_t* tile_z = tile_delta + channels * kPitch;
+    const int32_t* s_seq = reinterpret_cast<const int32_t*>(stage + 3 * tiles.tile_bytes());
+    cp_async_wait_all();
+    __syncthreads();  // this chunk's tiles are in; every thread is done with the last chunk
+    stage_BC(token0);
+    __syncthreads();
+    if (chunk_index + 1 < nchunks) issue_loads(chunk_index + 1, (chunk_index + 1) & 1);
     if (p.checkpoints != nullptr)
       store_thread_states(h, p.checkpoints, checkpoint_offset(p, pos, nchunks, chunk_index), 1,
                           p, pos);
-    load_dt_chunk<kChunk, input_t>(p, pos, token0, s_dt, s_dtu);
-    load_variable_BC_chunk<kChunk, input_t>(p, pos, token0, s_B, s_C);
-    __syncthreads();
 
-    const int state_offset = pos.slice * kStates;
-#pragma unroll 2
-    for (int t = 0; t < kChunk; ++t) {
-      const acc_t dt = s_dt[t * cs + c], dtu = s_dtu[t * cs + c];
-      acc_t B[kStates], C[kStates];
-      if (p.is_variable_B) {
-        load_smem_states(B, s_B + t * pos.padded_states + state_offset);
-      } else {
+    input_t* row_u = tile_u + c * kPitch;
+#pragma unroll 1
+    for (int v = 0; v < kVecs; ++v) {
+      const Vec16<input_t> u_v = load_vec16(row_u + v * kPerVec);
+      const Vec16<input_t> delta_v = load_vec16(row_u + channels * kPitch + v * kPerVec);
+      Vec16<input_t> z_v;
+      if (z_rows != nullptr) z_v = load_vec16(tile_z + c * kPitch + v * kPerVec);
+      Vec16<input_t> out_v;
 #pragma unroll
-        for (int i = 0; i < kStates; ++i) B[i] = B_const[i];
-      }
-      if (p.is_variable_C) {
-        load_smem_states(C, s_C + t * pos.padded_states + state_offset);
-      } else {
+      for (int j = 0; j < kPerVec; ++j) {
+        const int t = v * kPerVec + j;
+        const int64_t token = token0 + t;
+        acc_t dt = to_acc(delta_v.v[j]) + bias;
+        if (p.delta_softplus) dt = softplus_fast(dt);
+        bool live = token < p.seqlen;
+        if (seq_row != nullptr && live) {
+          const int id = s_seq[t];
+          if (id != prev_id) {  // a sequence starts (the same for the whole block)
+            if (per_sequence && prev_id >= 0) store_state(p.last_state, prev_id);
+            if (id >= 0 && per_sequence) {
+              load_thread_states(h, p.initial_state,
+                                 id * p.initial_state_batch_stride +
+                                     channel * p.initial_state_dim_stride,
+                                 p.initial_state_dstate_stride, p, pos);
+            } else if (id >= 0 && token == 0) {
+              load_thread_states(h, p.initial_state, row_state_offset,
+                                 p.initial_state_dstate_stride, p, pos);
+            } else {
 #pragma unroll
-        for (int i = 0; i < kStates; ++i) C[i] = C_const[i];
-      }
-      acc_t y = 0;
-#pragma unroll
-      for (int i = 0; i < kStates; ++i) {
-        h[i] = exp2_approx(dt * A2[i]) * h[i] + dtu * B[i];
-        y += h[i] * C[i];
-      }
-      s_y[(pos.slice * kChunk + t) * cs + c] = y;
-    }
-    __syncthreads();
-
-    if (p.out != nullptr) {
-      const Activation<input_t> u(p.u, pos.batch, p.u_batch_stride, p.u_dim_stride,
-                                  p.u_seqlen_stride);
-      const Activation<input_t> z(p.z, pos.batch, p.z_batch_stride, p.z_dim_stride,
-                                  p.z_seqlen_stride);
-      const OutputActivation<input_t> out(p.out, pos.batch, p.out_batch_stride,
-                                          p.out_dim_stride, p.out_seqlen_stride);
-      MAMBA_FOR_CHUNK_ELEMENTS(pos, kChunk, ce, t) {
-        const int64_t ch = pos.channel0 + ce, token = token0 + t;
-        if (!pos.channel_valid(ce) || token >= p.seqlen) continue;
+              for (int i = 0; i < kFwdStates; ++i) h[i] = 0;
+            }
+            prev_id = id;
+          }
+          live = id >= 0;
+        }
+        dt = live ? dt : acc_t(0);
+        const acc_t u = to_acc(u_v.v[j]);
+        const acc_t dtu = dt * u;
+        acc_t B[kFwdStates], C[kFwdStates];
+        load_smem_states(B, B_base + t * B_token_stride);
+        load_smem_states(C, C_base + t * C_token_stride);
         acc_t y = 0;
-        for (int slice = 0; slice < g.slices; ++slice) y += s_y[(slice * kChunk + t) * cs + ce];
-        y += channel_weight<acc_t>(p.D, p.D_stride, ch) * u(ch, token);
-        if (p.z != nullptr) y *= silu(acc_t(z(ch, token)));
-        out.store(ch, token, y);
+#pragma unroll
+        for (int i = 0; i < kFwdStates; ++i) {
+          h[i] = exp2_approx(dt * A2[i]) * h[i] + dtu * B[i];
+          y += h[i] * C[i];
+        }
+        if (g.slices == 1) {
+          y += D * u;
+          if (z_rows != nullptr) y *= silu_fast(to_acc(z_v.v[j]));
+          out_v.v[j] = from_acc<input_t>(live ? y : acc_t(0));
+        } else {
+          s_y[(pos.slice * kChunk + t) * channels + c] = y;
+        }
+      }
+      if (g.slices == 1 && has_out)
+        *reinterpret_cast<uint4*>(row_u + v * kPerVec) = *reinterpret_cast<const uint4*>(out_v.v);
+    }
+    if (!has_out) continue;
+
+    if (g.slices > 1) {
+      // Add the slices' partials, then D, the gate and the padding (one element a thread).
+      __syncthreads();
+      for (int e = threadIdx.x; e < channels * kChunk; e += blockDim.x) {
+        const int ce = e % channels, t = e / channels;
+        acc_t y = 0;
+        for (int slice = 0; slice < g.slices; ++slice) y += s_y[(slice * kChunk + t) * channels + ce];
+        const acc_t u = to_acc(tile_u[ce * kPitch + t]);
+        y += (ce < valid_channels ? channel_weight<acc_t>(p.D, p.D_stride, pos.channel0 + ce)
+                                  : acc_t(0)) *
+             u;
+        if (z_rows != nullptr) y *= silu_fast(to_acc(tile_z[ce * kPitch + t]));
+        if (seq_row != nullptr && token0 + t < p.seqlen && s_seq[t] < 0) y = 0;
+        tile_u[ce * kPitch + t] = from_acc<input_t>(y);
       }
     }
-    // The next chunk's loads overwrite what this one's readers use.
     __syncthreads();
+    // The output tile to global memory.
+    input_t* out_rows = static_cast<input_t*>(p.out) + pos.batch * p.out_batch_stride +
+                        pos.channel0 * p.out_dim_stride;
+    if (vec.out) {
+      for (int e = threadIdx.x; e < valid_channels * kVecs; e += blockDim.x) {
+        const int r = e / kVecs, v = e % kVecs;
+        const int64_t token = token0 + v * kPerVec;
+        const input_t* src = tile_u + r * kPitch + v * kPerVec;
+        input_t* dst = out_rows + r * p.out_dim_stride + token;
+        if (token + kPerVec <= p.seqlen) {
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+          for (int j = 0; token + j < p.seqlen; ++j) dst[j] = src[j];
+        }
+      }
+    } else {
+      for (int e = threadIdx.x; e < valid_channels * kChunk; e += blockDim.x) {
+        const int r = e / kChunk, t = e % kChunk;
+        if (token0 + t < p.seqlen)
+          out_rows[r * p.out_dim_stride + (token0 + t) * p.out_seqlen_stride] =
+              tile_u[r * kPitch + t];
+      }
+    }
   }
-  store_thread_states(h, p.last_state,
-                      pos.batch * p.last_state_batch_stride + channel * p.last_state_dim_stride,
-                      p.last_state_dstate_stride, p, pos);
+  if (!per_sequence)
+    store_state(p.last_state, pos.batch);
+  else if (prev_id >= 0)
+    store_state(p.last_state, prev_id);
 }
 
-template <typename input_t, int kStates>
+inline bool vector_aligned(const void* ptr, std::initializer_list<int64_t> outer_strides,
+                           int64_t token_stride, int per_vec) {
+  if (ptr == nullptr || token_stride != 1 || reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
+    return false;
+  for (int64_t s : outer_strides)
+    if (s % per_vec != 0) return false;
+  return true;
+}
+
+template <typename input_t>
 cudaError_t launch_selective_scan_fwd(const SelectiveScanFwdParams& p,
                                       const SelectiveScanCudaGeometry& g, cudaStream_t stream) {
-  using acc_t = acc_type<input_t>;
-  constexpr int kChunk = selective_scan_cuda_chunk(sizeof(acc_t) == 8);
-  const size_t smem = fwd_smem_elements<kChunk, acc_t>(g) * sizeof(acc_t);
-  auto kernel = &selective_scan_fwd_kernel<input_t, kStates>;
+  constexpr int kPerVec = Vec16<input_t>::kSize;
+  FwdTiles<input_t> tiles{g.channels_per_block(), g.slices * g.states_per_thread, g.slices, true};
+  if (!(p.is_variable_B || p.is_variable_C) || tiles.total() > 200 * 1024) tiles.async_BC = false;
+  FwdVectorized vec{};
+  vec.u = vector_aligned(p.u, {p.u_batch_stride, p.u_dim_stride}, p.u_seqlen_stride, kPerVec);
+  vec.delta = vector_aligned(p.delta, {p.delta_batch_stride, p.delta_dim_stride},
+                             p.delta_seqlen_stride, kPerVec);
+  vec.z = vector_aligned(p.z, {p.z_batch_stride, p.z_dim_stride}, p.z_seqlen_stride, kPerVec);
+  vec.out = vector_aligned(p.out, {p.out_batch_stride, p.out_dim_stride}, p.out_seqlen_stride,
+                           kPerVec);
+  vec.B = p.is_variable_B && vector_aligned(p.B, {p.B_batch_stride, p.B_group_stride,
+                                                  p.B_dstate_stride},
+                                            p.B_seqlen_stride, kPerVec);
+  vec.C = p.is_variable_C && vector_aligned(p.C, {p.C_batch_stride, p.C_group_stride,
+                                                  p.C_dstate_stride},
+                                            p.C_seqlen_stride, kPerVec);
+  const size_t smem = tiles.total();
+  auto kernel = g.threads() <= 256 ? &selective_scan_fwd_kernel<input_t, 256>
+                                   : &selective_scan_fwd_kernel<input_t, 512>;
   cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (error != cudaSuccess) return error;
   const dim3 grid(g.channel_blocks_per_group * p.ngroups, p.batch, 1);
-  kernel<<<grid, g.threads(), smem, stream>>>(p, g);
+  kernel<<<grid, g.threads(), smem, stream>>>(p, g, tiles, vec);
   return cudaGetLastError();
 }
 
@@ -129,8 +428,7 @@ template <typename input_t>
 cudaError_t run_selective_scan_fwd(const SelectiveScanFwdParams& p, cudaStream_t stream) {
   const SelectiveScanCudaGeometry g =
       selective_scan_fwd_cuda_geometry(p, sizeof(acc_type<input_t>) == 8);
-  return g.states_per_thread == 4 ? launch_selective_scan_fwd<input_t, 4>(p, g, stream)
-                                  : launch_selective_scan_fwd<input_t, 16>(p, g, stream);
+  return launch_selective_scan_fwd<input_t>(p, g, stream);
 }
 
 }  // namespace scan_cuda

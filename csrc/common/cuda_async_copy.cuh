@@ -1,0 +1,35 @@
+// Asynchronous global-to-shared copies (cp.async, sm_80+): the bytes do not pass through
+// registers, so a block can have the next tile of a stream in flight while it computes on the
+// current one. No torch includes.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace mamba_ext {
+
+__device__ __forceinline__ unsigned shared_address(const void* smem) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(smem));
+}
+
+// Copies 16 bytes, of which the first `src_bytes` (0..16) come from gmem and the rest are zero.
+// .cg: through L2 only (streamed data is read once). gmem must be 16-byte aligned and valid even
+// when src_bytes is 0.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(smem)),
+               "l"(gmem), "r"(src_bytes));
+}
+
+// Copies 4 bytes, zero when src_bytes is 0 (any 4-byte aligned element).
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(smem)),
+               "l"(gmem), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits for this thread's copies; a __syncthreads() then makes every thread's visible.
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+}  // namespace mamba_ext

@@ -18,6 +18,8 @@
 //    finish du, ddelta and dz).
 #pragma once
 
+#include <climits>
+
 #include "selective_scan/cuda/selective_scan_fwd_kernel.cuh"
 
 namespace mamba_ext {
@@ -35,7 +37,7 @@ __host__ __device__ inline int64_t bwd_smem_elements(const SelectiveScanCudaGeom
   const int64_t reverse = 2 * g.slices * kBwdSub * (g.channels_per_block() + 1) +
                           g.threads() * kRedStride + 2 * g.slices * g.channel_warps * 32;
   return 6 * rows + (replay > reverse ? replay : reverse) +
-         2 * kChunk * g.slices * g.states_per_thread + g.channels_per_block() * 2;
+         2 * kChunk * g.slices * g.states_per_thread + g.channels_per_block() * 2 + kChunk;
 }
 
 // du, ddelta and dz of one token from the sums over its channel's states, y_states =
@@ -50,6 +52,20 @@ __device__ __forceinline__ void finish_token(const SelectiveScanBwdParams& p, in
                                   p.delta_seqlen_stride);
   const Activation<input_t> dout(p.dout, batch, p.dout_batch_stride, p.dout_dim_stride,
                                  p.dout_seqlen_stride);
+  if (p.seq_idx != nullptr && sequence_of(p, batch, token) < 0) {
+    // Padding of a packed batch: its output was 0.
+    OutputActivation<input_t>(p.du, batch, p.du_batch_stride, p.du_dim_stride,
+                              p.du_seqlen_stride)
+        .store(channel, token, acc_t(0));
+    OutputActivation<input_t>(p.ddelta, batch, p.ddelta_batch_stride, p.ddelta_dim_stride,
+                              p.ddelta_seqlen_stride)
+        .store(channel, token, acc_t(0));
+    if (p.dz != nullptr)
+      OutputActivation<input_t>(p.dz, batch, p.dz_batch_stride, p.dz_dim_stride,
+                                p.dz_seqlen_stride)
+          .store(channel, token, acc_t(0));
+    return;
+  }
   const acc_t u_t = u(channel, token), g_out = dout(channel, token);
   const acc_t D = channel_weight<acc_t>(p.D, p.D_stride, channel);
   const acc_t dt_raw =
@@ -123,6 +139,7 @@ __global__ void __launch_bounds__(256)
   acc_t* s_C = s_B + kChunk * pos.padded_states;
   acc_t* s_dD = s_C + kChunk * pos.padded_states;       // [channels]: dD, then ddelta_bias
   acc_t* s_ddelta_bias = s_dD + pos.channels;
+  int* s_seq = reinterpret_cast<int*>(s_ddelta_bias + pos.channels);  // [kChunk]
 
   const int64_t channel = pos.channel0 + c;
   const int state_offset = pos.slice * kStates;
@@ -140,6 +157,26 @@ __global__ void __launch_bounds__(256)
                      pos.batch * p.dlast_state_batch_stride + channel * p.dlast_state_dim_stride,
                      p.dlast_state_dstate_stride, p, pos);
   for (int i = threadIdx.x; i < pos.channels; i += pos.threads) s_dD[i] = s_ddelta_bias[i] = 0;
+  // Packed batches, walking backwards: at the last token of a sequence, dh holds the gradient
+  // of the start state of the sequence after it (written to dinitial_state[id] in per-sequence
+  // mode) and restarts from that sequence's dlast_state (per-sequence mode; per-row mode: at the
+  // row's end only).
+  const bool per_sequence = p.num_sequences > 0;
+  int next_seq = INT_MIN;  // the sequence of the token after; none after the last
+  auto store_dinitial = [&](int64_t row) {
+    store_thread_states(dh, p.dinitial_state,
+                        row * p.dinitial_state_batch_stride +
+                            channel * p.dinitial_state_dim_stride,
+                        p.dinitial_state_dstate_stride, p, pos);
+  };
+  auto end_sequence = [&](int id) {
+    if (per_sequence && next_seq >= 0) store_dinitial(next_seq);
+    const bool from_dlast = id >= 0 && (per_sequence || next_seq == INT_MIN);
+    load_thread_states(dh, from_dlast ? p.dlast_state : nullptr,
+                       (per_sequence ? id : pos.batch) * p.dlast_state_batch_stride +
+                           channel * p.dlast_state_dim_stride,
+                       p.dlast_state_dstate_stride, p, pos);
+  };
 
   const int64_t nchunks = g.chunks(p.seqlen);
   const Activation<input_t> dout(p.dout, pos.batch, p.dout_batch_stride, p.dout_dim_stride,
@@ -159,13 +196,26 @@ __global__ void __launch_bounds__(256)
     MAMBA_FOR_CHUNK_ELEMENTS(pos, kChunk, ce, t) {
       const int64_t ch = pos.channel0 + ce, token = token0 + t;
       acc_t gy = 0;
-      if (pos.channel_valid(ce) && token < p.seqlen) {
+      if (pos.channel_valid(ce) && token < p.seqlen &&
+          (p.seq_idx == nullptr || sequence_of(p, pos.batch, token) >= 0)) {
         gy = dout(ch, token);
         if (p.z != nullptr) gy *= silu(acc_t(z(ch, token)));
       }
       s_gy[t * cs + ce] = gy;
     }
     load_variable_BC_chunk<kChunk, input_t>(p, pos, token0, s_B, s_C);
+    if (p.seq_idx != nullptr) {
+      for (int t = threadIdx.x; t < kChunk; t += pos.threads)
+        s_seq[t] = token0 + t < p.seqlen ? sequence_of(p, pos.batch, token0 + t) : INT_MIN;
+    }
+    // The sequence of the token before the chunk (none before the first).
+    const int seq_before =
+        p.seq_idx != nullptr && token0 > 0 ? sequence_of(p, pos.batch, token0 - 1) : INT_MIN;
+    // Whether a sequence starts at chunk token t (the same for the block).
+    auto starts_at = [&](int t) {
+      return p.seq_idx != nullptr && token0 + t < p.seqlen &&
+             s_seq[t] != (t > 0 ? s_seq[t - 1] : seq_before);
+    };
     __syncthreads();
 
     // Replay the chunk from its checkpoint, keeping the state before each sub-chunk, and the
@@ -181,6 +231,7 @@ __global__ void __launch_bounds__(256)
         for (int i = 0; i < kStates; ++i) h_sub[sub][i] = h[i];
 #pragma unroll 2
         for (int t = sub * kBwdSub; t < (sub + 1) * kBwdSub; ++t) {
+          if (starts_at(t)) load_start_state(h, p, pos, s_seq[t], token0 + t);
           const acc_t dt = s_dt[t * cs + c], dtu = s_dtu[t * cs + c];
           acc_t B[kStates], C[kStates];
           if (p.is_variable_B) load_smem_states(B, s_B + t * pos.padded_states + state_offset);
@@ -213,11 +264,13 @@ __global__ void __launch_bounds__(256)
       for (int j = 0; j < kBwdSub; ++j) {
         const int t = sub * kBwdSub + j;
         const acc_t dt = s_dt[t * cs + c], dtu = s_dtu[t * cs + c];
-        acc_t B[kStates];
+        acc_t B[kStates], start[kStates];
         if (p.is_variable_B) load_smem_states(B, s_B + t * pos.padded_states + state_offset);
+        const bool starts = starts_at(t);
+        if (starts) load_start_state(start, p, pos, s_seq[t], token0 + t);
 #pragma unroll
         for (int i = 0; i < kStates; ++i) {
-          const acc_t before = j == 0 ? h_sub[sub][i] : hist[j - 1][i];
+          const acc_t before = starts ? start[i] : j == 0 ? h_sub[sub][i] : hist[j - 1][i];
           hist[j][i] =
               exp2_approx(dt * A2[i]) * before + dtu * (p.is_variable_B ? B[i] : B_const[i]);
         }
@@ -227,6 +280,11 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
       for (int j = kBwdSub - 1; j >= 0; --j) {
         const int t = sub * kBwdSub + j;
+        if (p.seq_idx != nullptr && token0 + t < p.seqlen && s_seq[t] != next_seq) {
+          // Token t ends its sequence: dh held the gradient of the next one's start state.
+          end_sequence(s_seq[t]);
+          next_seq = s_seq[t];
+        }
         const acc_t dt = s_dt[t * cs + c], dtu = s_dtu[t * cs + c], gy = s_gy[t * cs + c];
         acc_t B[kStates], C[kStates], dB[kStates], dC[kStates];
         if (p.is_variable_B) load_smem_states(B, s_B + t * pos.padded_states + state_offset);
@@ -335,10 +393,10 @@ __global__ void __launch_bounds__(256)
   }
 
   // dh is now the gradient of the state before token 0.
-  store_thread_states(dh, p.dinitial_state,
-                      pos.batch * p.dinitial_state_batch_stride +
-                          channel * p.dinitial_state_dim_stride,
-                      p.dinitial_state_dstate_stride, p, pos);
+  if (!per_sequence)
+    store_dinitial(pos.batch);
+  else if (next_seq >= 0)
+    store_dinitial(next_seq);
   if (pos.channel_valid(c)) {
     const int64_t weight_slot = p.deterministic ? pos.batch : 0;
     acc_t* weights = static_cast<acc_t*>(p.weight_partials) +

@@ -87,6 +87,12 @@ __device__ __forceinline__ BlockPosition block_position(const SelectiveScanFwdPa
   return pos;
 }
 
+// Packed batches (selective_scan.h): the sequence of a token, read from global memory.
+__device__ __forceinline__ int sequence_of(const SelectiveScanFwdParams& p, int64_t batch,
+                                           int64_t token) {
+  return p.seq_idx[batch * p.seq_idx_batch_stride + token * p.seq_idx_seqlen_stride];
+}
+
 // The block loads and finishes a chunk cooperatively, element e = (channel c, token t) with
 // c = e / kChunk, t = e % kChunk: a warp covers 32 tokens of one channel (coalesced when the
 // token stride is 1). MAMBA_FOR_CHUNK_ELEMENTS(pos, kChunk, c, t) { ... } loops over this
@@ -130,8 +136,8 @@ __device__ __forceinline__ acc_t channel_weight(const void* ptr, int64_t stride,
 }
 
 // Fills s_dt[t][c] = dt and s_dtu[t][c] = dt * u for the chunk at token0 (dt = delta +
-// delta_bias, softplus'd when asked); zeros past seqlen and past the group, so that padding
-// tokens leave the state unchanged (exp(0 * A) = 1, nothing added).
+// delta_bias, softplus'd when asked); zeros past seqlen, past the group and for the padding of a
+// packed batch, so that those tokens leave the state unchanged (exp(0 * A) = 1, nothing added).
 template <int kChunk, typename input_t, typename acc_t>
 __device__ __forceinline__ void load_dt_chunk(const SelectiveScanFwdParams& p,
                                               const BlockPosition& pos, int64_t token0,
@@ -143,7 +149,8 @@ __device__ __forceinline__ void load_dt_chunk(const SelectiveScanFwdParams& p,
   MAMBA_FOR_CHUNK_ELEMENTS(pos, kChunk, c, t) {
     const int64_t channel = pos.channel0 + c, token = token0 + t;
     acc_t dt = 0, dtu = 0;
-    if (pos.channel_valid(c) && token < p.seqlen) {
+    if (pos.channel_valid(c) && token < p.seqlen &&
+        (p.seq_idx == nullptr || sequence_of(p, pos.batch, token) >= 0)) {
       dt = delta(channel, token) +
            channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, channel);
       if (p.delta_softplus) dt = softplus(dt);
@@ -212,6 +219,21 @@ __device__ __forceinline__ void store_thread_states(const acc_t (&v)[kStates], v
     const int64_t n = pos.state0 + i;
     if (n < p.dstate) base[offset + n * dstate_stride] = v[i];
   }
+}
+
+// The state sequence `id` starts from at `token`: initial_state[id] in per-sequence mode,
+// initial_state[batch] at token 0 in per-row mode, else 0 (always 0 for padding, id < 0).
+template <int kStates, typename acc_t>
+__device__ __forceinline__ void load_start_state(acc_t (&h)[kStates],
+                                                 const SelectiveScanFwdParams& p,
+                                                 const BlockPosition& pos, int id, int64_t token) {
+  const bool per_sequence = p.num_sequences > 0;
+  const bool from_initial = id >= 0 && (per_sequence || token == 0);
+  const int64_t row = per_sequence ? id : pos.batch;
+  const int64_t channel = pos.channel0 + pos.channel_in_block;
+  load_thread_states(h, from_initial ? p.initial_state : nullptr,
+                     row * p.initial_state_batch_stride + channel * p.initial_state_dim_stride,
+                     p.initial_state_dstate_stride, p, pos);
 }
 
 // The state before chunk `chunk_index` in the checkpoints, (batch, dim, nchunks, dstate).

@@ -243,16 +243,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   const acc_t D = channel_valid ? channel_weight<acc_t>(p.D, p.D_stride, channel) : acc_t(0);
   const acc_t bias =
       channel_valid ? channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, channel) : acc_t(0);
-  const int64_t row_state_offset =
-      pos.batch * p.initial_state_batch_stride + channel * p.initial_state_dim_stride;
   // Per-row states start from initial_state[batch]; per-sequence ones at their first token.
-  if (per_sequence) {
-#pragma unroll
-    for (int i = 0; i < kFwdStates; ++i) h[i] = 0;
-  } else {
-    load_thread_states(h, p.initial_state, row_state_offset, p.initial_state_dstate_stride, p,
-                       pos);
-  }
+  load_start_state(h, p, pos, per_sequence ? -1 : 0, 0);
   auto store_state = [&](void* ptr, int64_t row) {
     store_thread_states(h, ptr, row * p.last_state_batch_stride + channel * p.last_state_dim_stride,
                         p.last_state_dstate_stride, p, pos);
@@ -296,18 +288,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
           const int id = s_seq[t];
           if (id != prev_id) {  // a sequence starts (the same for the whole block)
             if (per_sequence && prev_id >= 0) store_state(p.last_state, prev_id);
-            if (id >= 0 && per_sequence) {
-              load_thread_states(h, p.initial_state,
-                                 id * p.initial_state_batch_stride +
-                                     channel * p.initial_state_dim_stride,
-                                 p.initial_state_dstate_stride, p, pos);
-            } else if (id >= 0 && token == 0) {
-              load_thread_states(h, p.initial_state, row_state_offset,
-                                 p.initial_state_dstate_stride, p, pos);
-            } else {
-#pragma unroll
-              for (int i = 0; i < kFwdStates; ++i) h[i] = 0;
-            }
+            load_start_state(h, p, pos, id, token);
             prev_id = id;
           }
           live = id >= 0;

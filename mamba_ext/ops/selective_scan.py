@@ -58,7 +58,9 @@ def _seq_idx_from_cu_seqlens(cu_seqlens, u):
     num_sequences = cu_seqlens.shape[0] - 1
     cu_seqlens = cu_seqlens.to(device=u.device, dtype=torch.int64)
     tokens = torch.arange(u.shape[2], device=u.device)
-    seq_idx = torch.searchsorted(cu_seqlens[1:], tokens, right=True)
+    # The boundaries at or before each token, less one; on the whole of cu_seqlens, not a slice:
+    # torch 2.11's inductor cannot lower searchsorted on a slice of a computed buffer.
+    seq_idx = torch.searchsorted(cu_seqlens, tokens, right=True) - 1
     padding = (tokens < cu_seqlens[0]) | (seq_idx >= num_sequences)
     seq_idx = torch.where(padding, -1, seq_idx)
     return seq_idx.to(torch.int32).unsqueeze(0), num_sequences

@@ -18,8 +18,6 @@
 //    finish du, ddelta and dz).
 #pragma once
 
-#include <climits>
-
 #include "selective_scan/cuda/selective_scan_fwd_kernel.cuh"
 
 namespace mamba_ext {
@@ -52,7 +50,7 @@ __device__ __forceinline__ void finish_token(const SelectiveScanBwdParams& p, in
                                   p.delta_seqlen_stride);
   const Activation<input_t> dout(p.dout, batch, p.dout_batch_stride, p.dout_dim_stride,
                                  p.dout_seqlen_stride);
-  if (p.seq_idx != nullptr && sequence_of(p, batch, token) < 0) {
+  if (p.seq_idx != nullptr && sequence_of(p, batch, token) == kPadding) {
     // Padding of a packed batch: its output was 0.
     OutputActivation<input_t>(p.du, batch, p.du_batch_stride, p.du_dim_stride,
                               p.du_seqlen_stride)
@@ -111,7 +109,8 @@ __device__ __forceinline__ void write_slot(acc_t* dst, acc_t v, bool determinist
   }
 }
 
-template <typename input_t>
+// kPacked: seq_idx given; the sequence checks stay out of the loops of plain batches.
+template <typename input_t, bool kPacked>
 __global__ void __launch_bounds__(256)
     selective_scan_bwd_kernel(const SelectiveScanBwdParams p, const SelectiveScanCudaGeometry g) {
   using acc_t = acc_type<input_t>;
@@ -162,7 +161,7 @@ __global__ void __launch_bounds__(256)
   // mode) and restarts from that sequence's dlast_state (per-sequence mode; per-row mode: at the
   // row's end only).
   const bool per_sequence = p.num_sequences > 0;
-  int next_seq = INT_MIN;  // the sequence of the token after; none after the last
+  int64_t next_seq = kNoSequence;  // the sequence of the token after
   auto store_dinitial = [&](int64_t row) {
     store_thread_states(dh, p.dinitial_state,
                         row * p.dinitial_state_batch_stride +
@@ -170,8 +169,8 @@ __global__ void __launch_bounds__(256)
                         p.dinitial_state_dstate_stride, p, pos);
   };
   auto end_sequence = [&](int id) {
-    if (per_sequence && next_seq >= 0) store_dinitial(next_seq);
-    const bool from_dlast = id >= 0 && (per_sequence || next_seq == INT_MIN);
+    if (per_sequence && next_seq >= 0) store_dinitial(next_seq);  // not padding, not none
+    const bool from_dlast = id != kPadding && (per_sequence || next_seq == kNoSequence);
     load_thread_states(dh, from_dlast ? p.dlast_state : nullptr,
                        (per_sequence ? id : pos.batch) * p.dlast_state_batch_stride +
                            channel * p.dlast_state_dim_stride,
@@ -197,7 +196,7 @@ __global__ void __launch_bounds__(256)
       const int64_t ch = pos.channel0 + ce, token = token0 + t;
       acc_t gy = 0;
       if (pos.channel_valid(ce) && token < p.seqlen &&
-          (p.seq_idx == nullptr || sequence_of(p, pos.batch, token) >= 0)) {
+          (p.seq_idx == nullptr || sequence_of(p, pos.batch, token) != kPadding)) {
         gy = dout(ch, token);
         if (p.z != nullptr) gy *= silu(acc_t(z(ch, token)));
       }
@@ -206,15 +205,15 @@ __global__ void __launch_bounds__(256)
     load_variable_BC_chunk<kChunk, input_t>(p, pos, token0, s_B, s_C);
     if (p.seq_idx != nullptr) {
       for (int t = threadIdx.x; t < kChunk; t += pos.threads)
-        s_seq[t] = token0 + t < p.seqlen ? sequence_of(p, pos.batch, token0 + t) : INT_MIN;
+        s_seq[t] = token0 + t < p.seqlen ? sequence_of(p, pos.batch, token0 + t) : kPadding;
     }
     // The sequence of the token before the chunk (none before the first).
-    const int seq_before =
-        p.seq_idx != nullptr && token0 > 0 ? sequence_of(p, pos.batch, token0 - 1) : INT_MIN;
+    const int64_t seq_before =
+        p.seq_idx != nullptr && token0 > 0 ? sequence_of(p, pos.batch, token0 - 1) : kNoSequence;
     // Whether a sequence starts at chunk token t (the same for the block).
     auto starts_at = [&](int t) {
-      return p.seq_idx != nullptr && token0 + t < p.seqlen &&
-             s_seq[t] != (t > 0 ? s_seq[t - 1] : seq_before);
+      return kPacked && token0 + t < p.seqlen &&
+             s_seq[t] != (t > 0 ? int64_t(s_seq[t - 1]) : seq_before);
     };
     __syncthreads();
 
@@ -280,7 +279,7 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
       for (int j = kBwdSub - 1; j >= 0; --j) {
         const int t = sub * kBwdSub + j;
-        if (p.seq_idx != nullptr && token0 + t < p.seqlen && s_seq[t] != next_seq) {
+        if (kPacked && token0 + t < p.seqlen && s_seq[t] != next_seq) {
           // Token t ends its sequence: dh held the gradient of the next one's start state.
           end_sequence(s_seq[t]);
           next_seq = s_seq[t];
@@ -511,7 +510,8 @@ cudaError_t run_selective_scan_bwd(const SelectiveScanBwdParams& p, cudaStream_t
   // 2. The reverse pass.
   const SelectiveScanCudaGeometry g = selective_scan_bwd_cuda_geometry(p, sizeof(acc_t) == 8);
   const size_t smem = bwd_smem_elements<kChunk, acc_t>(g) * sizeof(acc_t);
-  auto kernel = &selective_scan_bwd_kernel<input_t>;
+  auto kernel = p.seq_idx ? &selective_scan_bwd_kernel<input_t, true>
+                          : &selective_scan_bwd_kernel<input_t, false>;
   error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (error != cudaSuccess) return error;
   const dim3 grid(g.channel_blocks_per_group * p.ngroups, p.batch, g.slice_blocks);

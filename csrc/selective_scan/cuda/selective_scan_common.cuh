@@ -11,6 +11,7 @@
 
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 
@@ -87,7 +88,13 @@ __device__ __forceinline__ BlockPosition block_position(const SelectiveScanFwdPa
   return pos;
 }
 
-// Packed batches (selective_scan.h): the sequence of a token, read from global memory.
+// Packed batches (selective_scan.h): padding is seq_idx -1 (any other id, negative ones
+// included, is a sequence in per-row mode); kNoSequence stands for "no token" before the first
+// or after the last (it is not an int32 id).
+constexpr int kPadding = -1;
+constexpr int64_t kNoSequence = INT64_MIN;
+
+// The sequence of a token, read from global memory.
 __device__ __forceinline__ int sequence_of(const SelectiveScanFwdParams& p, int64_t batch,
                                            int64_t token) {
   return p.seq_idx[batch * p.seq_idx_batch_stride + token * p.seq_idx_seqlen_stride];
@@ -150,7 +157,7 @@ __device__ __forceinline__ void load_dt_chunk(const SelectiveScanFwdParams& p,
     const int64_t channel = pos.channel0 + c, token = token0 + t;
     acc_t dt = 0, dtu = 0;
     if (pos.channel_valid(c) && token < p.seqlen &&
-        (p.seq_idx == nullptr || sequence_of(p, pos.batch, token) >= 0)) {
+        (p.seq_idx == nullptr || sequence_of(p, pos.batch, token) != kPadding)) {
       dt = delta(channel, token) +
            channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, channel);
       if (p.delta_softplus) dt = softplus(dt);
@@ -222,13 +229,13 @@ __device__ __forceinline__ void store_thread_states(const acc_t (&v)[kStates], v
 }
 
 // The state sequence `id` starts from at `token`: initial_state[id] in per-sequence mode,
-// initial_state[batch] at token 0 in per-row mode, else 0 (always 0 for padding, id < 0).
+// initial_state[batch] at token 0 in per-row mode, else 0 (always 0 for padding).
 template <int kStates, typename acc_t>
 __device__ __forceinline__ void load_start_state(acc_t (&h)[kStates],
                                                  const SelectiveScanFwdParams& p,
                                                  const BlockPosition& pos, int id, int64_t token) {
   const bool per_sequence = p.num_sequences > 0;
-  const bool from_initial = id >= 0 && (per_sequence || token == 0);
+  const bool from_initial = id != kPadding && (per_sequence || token == 0);
   const int64_t row = per_sequence ? id : pos.batch;
   const int64_t channel = pos.channel0 + pos.channel_in_block;
   load_thread_states(h, from_initial ? p.initial_state : nullptr,

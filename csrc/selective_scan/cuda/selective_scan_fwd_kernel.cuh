@@ -21,8 +21,6 @@
 //   y partials          [slices][kChunk][channels] when there are several state slices.
 #pragma once
 
-#include <climits>
-
 #include "common/cuda_async_copy.cuh"
 #include "selective_scan/cuda/selective_scan_common.cuh"
 
@@ -122,8 +120,9 @@ __device__ __forceinline__ void load_tile(input_t* tile, const input_t* base, in
 }
 
 // kMaxThreads: 256 lets the compiler keep the next tokens' loads in flight (about 200
-// registers); 512 (dstate > 128, 16 slices) caps it at 128, with a few spills.
-template <typename input_t, int kMaxThreads>
+// registers); 512 (dstate > 128, 16 slices) caps it at 128, with a few spills. kPacked: seq_idx
+// given; the sequence checks stay out of the token loop of plain batches.
+template <typename input_t, int kMaxThreads, bool kPacked>
 __global__ void __launch_bounds__(kMaxThreads, 1)
     selective_scan_fwd_kernel(const SelectiveScanFwdParams p, const SelectiveScanCudaGeometry g,
                               const FwdTiles<input_t> tiles, const FwdVectorized vec) {
@@ -249,7 +248,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     store_thread_states(h, ptr, row * p.last_state_batch_stride + channel * p.last_state_dim_stride,
                         p.last_state_dstate_stride, p, pos);
   };
-  int prev_id = INT_MIN;  // the sequence of the previous token; none before the first
+  int64_t prev_id = kNoSequence;  // the sequence of the previous token
 
   const int64_t nchunks = g.chunks(p.seqlen);
   if (nchunks > 0) issue_loads(0, 0);
@@ -284,14 +283,14 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
         acc_t dt = to_acc(delta_v.v[j]) + bias;
         if (p.delta_softplus) dt = softplus_fast(dt);
         bool live = token < p.seqlen;
-        if (seq_row != nullptr && live) {
+        if (kPacked && live) {
           const int id = s_seq[t];
           if (id != prev_id) {  // a sequence starts (the same for the whole block)
-            if (per_sequence && prev_id >= 0) store_state(p.last_state, prev_id);
+            if (per_sequence && prev_id >= 0) store_state(p.last_state, prev_id);  // not padding
             load_start_state(h, p, pos, id, token);
             prev_id = id;
           }
-          live = id >= 0;
+          live = id != kPadding;
         }
         dt = live ? dt : acc_t(0);
         const acc_t u = to_acc(u_v.v[j]);
@@ -330,7 +329,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
                                   : acc_t(0)) *
              u;
         if (z_rows != nullptr) y *= silu_fast(to_acc(tile_z[ce * kPitch + t]));
-        if (seq_row != nullptr && token0 + t < p.seqlen && s_seq[t] < 0) y = 0;
+        if (seq_row != nullptr && token0 + t < p.seqlen && s_seq[t] == kPadding) y = 0;
         tile_u[ce * kPitch + t] = from_acc<input_t>(y);
       }
     }
@@ -394,8 +393,11 @@ cudaError_t launch_selective_scan_fwd(const SelectiveScanFwdParams& p,
                                                   p.C_dstate_stride},
                                             p.C_seqlen_stride, kPerVec);
   const size_t smem = tiles.total();
-  auto kernel = g.threads() <= 256 ? &selective_scan_fwd_kernel<input_t, 256>
-                                   : &selective_scan_fwd_kernel<input_t, 512>;
+  auto kernel = g.threads() <= 256
+                    ? (p.seq_idx ? &selective_scan_fwd_kernel<input_t, 256, true>
+                                 : &selective_scan_fwd_kernel<input_t, 256, false>)
+                    : (p.seq_idx ? &selective_scan_fwd_kernel<input_t, 512, true>
+                                 : &selective_scan_fwd_kernel<input_t, 512, false>);
   cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (error != cudaSuccess) return error;

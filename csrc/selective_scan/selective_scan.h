@@ -158,9 +158,13 @@ inline SelectiveScanCudaGeometry selective_scan_cuda_geometry(int64_t dim, int64
 // The forward keeps 16 states a thread, all slices in one block (up to 16 warps), 4 warps of
 // channels at dstate <= 16 (2 blocks an SM at batch 8, dim 4096). The backward keeps 4 (it
 // holds 8 tokens of their history in registers), with at most 8 slices (256 threads) a block.
+#ifndef MAMBA_EXT_SCAN_FWD_STATES  // experiment knob (benchmarks only): states a thread
+#define MAMBA_EXT_SCAN_FWD_STATES 16
+#endif
 inline SelectiveScanCudaGeometry selective_scan_fwd_cuda_geometry(const SelectiveScanFwdParams& p,
                                                                   bool double_precision) {
-  return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision, 16, 16, 4);
+  return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision,
+                                      MAMBA_EXT_SCAN_FWD_STATES, 16, 4);
 }
 constexpr int kScanBwdStatesPerThread = 4;
 inline SelectiveScanCudaGeometry selective_scan_bwd_cuda_geometry(const SelectiveScanFwdParams& p,

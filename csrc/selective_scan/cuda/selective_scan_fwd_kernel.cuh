@@ -27,7 +27,7 @@
 namespace mamba_ext {
 namespace scan_cuda {
 
-constexpr int kFwdStates = 16;  // states a thread keeps
+constexpr int kFwdStates = MAMBA_EXT_SCAN_FWD_STATES;  // states a thread keeps
 constexpr int kFwdWarps = 4;    // warps of channels a block, for dstate <= 16
 
 // Which streams move by 16-byte vectors (token stride 1, 16-byte aligned rows); the others go
@@ -122,8 +122,11 @@ __device__ __forceinline__ void load_tile(input_t* tile, const input_t* base, in
 // kMaxThreads: 256 lets the compiler keep the next tokens' loads in flight (about 200
 // registers); 512 (dstate > 128, 16 slices) caps it at 128, with a few spills. kPacked: seq_idx
 // given; the sequence checks stay out of the token loop of plain batches.
+#ifndef MAMBA_EXT_SCAN_FWD_MIN_BLOCKS  // experiment knob (benchmarks only)
+#define MAMBA_EXT_SCAN_FWD_MIN_BLOCKS 1
+#endif
 template <typename input_t, int kMaxThreads, bool kPacked>
-__global__ void __launch_bounds__(kMaxThreads, 1)
+__global__ void __launch_bounds__(kMaxThreads, kMaxThreads == 256 ? MAMBA_EXT_SCAN_FWD_MIN_BLOCKS : 1)
     selective_scan_fwd_kernel(const SelectiveScanFwdParams p, const SelectiveScanCudaGeometry g,
                               const FwdTiles<input_t> tiles, const FwdVectorized vec) {
   using acc_t = acc_type<input_t>;

@@ -126,7 +126,7 @@ def sweep_launch_shapes(device, ceiling):
         inputs = mamba2_inputs(batch, device)
         nbytes = bytes_moved(inputs)
         for tune in ("heuristic", "blocks=1", "blocks=2", "blocks=3", "blocks=4", "general",
-                     "16,2"):
+                     "16,2", "16,4"):
             if tune == "heuristic":
                 os.environ.pop(TUNE_VARIABLE, None)
             else:

@@ -316,20 +316,13 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
 // units into a ring in shared memory with cp.async (16 bytes a lane, each lane copying exactly
 // the pieces it later reads, so no barrier is needed: cp.async.wait_group orders its own copies)
 // while it computes the current unit from the ring; the new state is stored from registers with
-// the streaming hint. So (kStages - 1) units of state loads stay in flight per warp, and no
-// block's start or end leaves a gap in the traffic. A warp's pace is then one round trip per
-// unit for the unit's other inputs (x, z, dt, B, C, the weights): they are all loaded before
-// the wait for the state and converted after it (a first version loaded them after the wait,
-// z only after the row's reduction: three round trips a unit, 6 us each at b256, which held
-// the kernel to 2000 GB/s), and x, z, dt, B and C are prefetched into L2 when the unit's state
-// copies are issued.
+// the streaming hint. So (kStages - 1) units of loads stay in flight per warp whatever the
+// compute, the shuffles and the loads of the per-row scalars cost, and no block's start or end
+// leaves a gap in the traffic.
 constexpr int kFastWarps = 4;
 constexpr int kFastThreads = kFastWarps * 32;
 constexpr int kFastRows = 2;  // rows per thread and unit
 constexpr int kStages = 4;    // units in the ring per warp: kStages - 1 in flight
-// Resident blocks per SM the registers are cut for (80 a thread, no spills): six 32 KB rings fit
-// in shared memory.
-constexpr int kFastMinBlocks = 6;
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -350,11 +343,6 @@ __device__ __forceinline__ void cp_async_wait_ring() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 1) : "memory");
 #endif
-}
-
-// A hint to bring the line holding `ptr` (a global address) into L2.
-__device__ __forceinline__ void prefetch_l2(const void* ptr) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(ptr));
 }
 
 // input_t is float, __half or __nv_bfloat16 (acc_t float); requires the vector conditions of the
@@ -397,9 +385,8 @@ __global__ void __launch_bounds__(kFastThreads)
     return static_cast<float*>(p.state) + unit.state_b * p.state_batch_stride +
            unit.h * p.state_head_stride + i * p.state_headdim_stride;
   };
-  // Copies the lane's pieces of unit u into the ring's `stage`, and asks L2 for the unit's other
-  // inputs (x, z, dt, B, C: read once, from DRAM otherwise) so that they are there when the unit
-  // is computed; commits a group either way, so that the group count per stage stays fixed.
+  // Copies the lane's pieces of unit u into the ring's `stage`; commits a group either way, so
+  // that the group count per stage stays fixed.
   const auto issue = [&](unsigned u, int stage) {
     if (u < units) {
       const Unit unit = unit_of(u);
@@ -413,30 +400,6 @@ __global__ void __launch_bounds__(kFastThreads)
           for (int chunk = 0; chunk < kChunks; ++chunk) {
             const int n0 = chunk_start(chunk);
             if (n0 < p.dstate) cp_async_16(&ring[stage][warp][r * kChunks + chunk][warp_lane], row + n0);
-          }
-          if (lane == 0) {
-            const int64_t dt_offset =
-                unit.b * p.dt_batch_stride + unit.h * p.dt_head_stride + i * p.dt_headdim_stride;
-            prefetch_l2(p.dt_is_float ? static_cast<const void*>(static_cast<const float*>(p.dt) + dt_offset)
-                                      : static_cast<const input_t*>(p.dt) + dt_offset);
-            prefetch_l2(static_cast<const input_t*>(p.x) + unit.b * p.x_batch_stride +
-                        unit.h * p.x_head_stride + i * p.x_headdim_stride);
-            if (p.z) {
-              prefetch_l2(static_cast<const input_t*>(p.z) + unit.b * p.z_batch_stride +
-                          unit.h * p.z_head_stride + i * p.z_headdim_stride);
-            }
-          }
-        }
-        if (row_in_step == 0) {
-          const int64_t g = unit.h / (p.nheads / p.ngroups);
-#pragma unroll
-          for (int chunk = 0; chunk < kChunks; ++chunk) {
-            const int n0 = chunk_start(chunk);
-            if (n0 >= p.dstate) continue;
-            prefetch_l2(static_cast<const input_t*>(p.B) + unit.b * p.B_batch_stride +
-                        g * p.B_group_stride + n0);
-            prefetch_l2(static_cast<const input_t*>(p.C) + unit.b * p.C_batch_stride +
-                        g * p.C_group_stride + n0);
           }
         }
       }
@@ -454,63 +417,8 @@ __global__ void __launch_bounds__(kFastThreads)
     // lane gets here together) orders those reads before the copies that overwrite it.
     __syncwarp();
     issue(next, (stage + kStages - 1) % kStages);
-    const Unit unit = unit_of(u);
-    const int64_t g = unit.h / (p.nheads / p.ngroups);
-    const input_t* B = static_cast<const input_t*>(p.B) + unit.b * p.B_batch_stride +
-                       g * p.B_group_stride;  // (dstate,)
-    const input_t* C = static_cast<const input_t*>(p.C) + unit.b * p.C_batch_stride +
-                       g * p.C_group_stride;  // (dstate,)
-    const auto* A = static_cast<const acc_t*>(p.A) + unit.h * p.A_head_stride;  // (headdim, dstate)
-    const bool scalar_A = p.A_dstate_stride == 0;  // Mamba-2: one decay per row
-
-    // Every input of the unit is loaded here, before the state is waited for, and converted
-    // only after: one round trip to memory per unit (its state was requested kStages - 1 units
-    // ago, so the wait is for these loads), rather than a chain of them.
-    Vec<input_t> B_raw[kChunks], C_raw[kChunks];
-    input_t x_raw[kFastRows], z_raw[kFastRows];
-    uint32_t dt_bits[kFastRows];  // a float's bits, or an input_t's in the low half
-    acc_t dt_bias[kFastRows], D[kFastRows], A0[kFastRows];
-    if (!unit.padding) {
-#pragma unroll
-      for (int chunk = 0; chunk < kChunks; ++chunk) {
-        const int n0 = chunk_start(chunk);
-        if (n0 >= p.dstate) continue;
-        B_raw[chunk] = load_vec<input_t, false>(reinterpret_cast<const Vec<input_t>*>(B + n0));
-        C_raw[chunk] = load_vec<input_t, false>(reinterpret_cast<const Vec<input_t>*>(C + n0));
-      }
-#pragma unroll
-      for (int r = 0; r < kFastRows; ++r) {
-        const int64_t i = unit.i0 + r * rows_per_step + row_in_step;
-        x_raw[r] = z_raw[r] = input_t{};
-        dt_bits[r] = 0;
-        dt_bias[r] = D[r] = A0[r] = acc_t(0);
-        if (i >= p.headdim) continue;
-        const int64_t dt_offset =
-            unit.b * p.dt_batch_stride + unit.h * p.dt_head_stride + i * p.dt_headdim_stride;
-        if (p.dt_is_float || sizeof(input_t) == 4) {
-          dt_bits[r] = load_input(static_cast<const uint32_t*>(p.dt) + dt_offset);
-        } else {
-          dt_bits[r] = load_input(static_cast<const uint16_t*>(p.dt) + dt_offset);
-        }
-        if (p.dt_bias) {
-          dt_bias[r] = load_input(static_cast<const acc_t*>(p.dt_bias) +
-                                  unit.h * p.dt_bias_head_stride + i * p.dt_bias_headdim_stride);
-        }
-        x_raw[r] = load_input(static_cast<const input_t*>(p.x) + unit.b * p.x_batch_stride +
-                              unit.h * p.x_head_stride + i * p.x_headdim_stride);
-        if (p.z) {
-          z_raw[r] = load_input(static_cast<const input_t*>(p.z) + unit.b * p.z_batch_stride +
-                                unit.h * p.z_head_stride + i * p.z_headdim_stride);
-        }
-        if (p.D) {
-          D[r] = load_input(static_cast<const acc_t*>(p.D) + unit.h * p.D_head_stride +
-                            i * p.D_headdim_stride);
-        }
-        if (scalar_A) A0[r] = load_input(A + i * p.A_headdim_stride);
-      }
-    }
     cp_async_wait_ring();  // the group of unit u is complete
-
+    const Unit unit = unit_of(u);
     auto* out = static_cast<input_t*>(p.out) + unit.b * p.out_batch_stride +
                 unit.h * p.out_head_stride;
     if (unit.padding) {
@@ -523,31 +431,35 @@ __global__ void __launch_bounds__(kFastThreads)
       stage = (stage + 1) % kStages;
       continue;
     }
+    const int64_t g = unit.h / (p.nheads / p.ngroups);
+    // B and C at the lane's columns, shared by its rows.
+    const input_t* B = static_cast<const input_t*>(p.B) + unit.b * p.B_batch_stride +
+                       g * p.B_group_stride;  // (dstate,)
+    const input_t* C = static_cast<const input_t*>(p.C) + unit.b * p.C_batch_stride +
+                       g * p.C_group_stride;  // (dstate,)
     acc_t B_val[kChunks * kElts], C_val[kChunks * kElts];
-#pragma unroll
-    for (int chunk = 0; chunk < kChunks; ++chunk) {
-#pragma unroll
-      for (int e = 0; e < kElts; ++e) {
-        B_val[chunk * kElts + e] = to_acc(B_raw[chunk].v[e]);
-        C_val[chunk * kElts + e] = to_acc(C_raw[chunk].v[e]);
-      }
-    }
+    load_columns<true>(B, 1, C, 1, p.dstate, chunk_start, B_val, C_val);
+    const auto* A = static_cast<const acc_t*>(p.A) + unit.h * p.A_head_stride;  // (headdim, dstate)
+    const bool scalar_A = p.A_dstate_stride == 0;  // Mamba-2: one decay per row
 #pragma unroll
     for (int r = 0; r < kFastRows; ++r) {
       const int64_t i = unit.i0 + r * rows_per_step + row_in_step;
       if (i >= p.headdim) continue;  // the same for all lanes of a row: its shuffles stay whole
-      acc_t dt = dt_bias[r];
-      if (p.dt_is_float || sizeof(input_t) == 4) {
-        dt += __uint_as_float(dt_bits[r]);
-      } else {
-        const uint16_t bits = static_cast<uint16_t>(dt_bits[r]);
-        dt += to_acc(*reinterpret_cast<const input_t*>(&bits));
+      const int64_t dt_offset =
+          unit.b * p.dt_batch_stride + unit.h * p.dt_head_stride + i * p.dt_headdim_stride;
+      acc_t dt = p.dt_is_float ? load_input(static_cast<const float*>(p.dt) + dt_offset)
+                               : to_acc(load_input(static_cast<const input_t*>(p.dt) + dt_offset));
+      if (p.dt_bias) {
+        dt += load_input(static_cast<const acc_t*>(p.dt_bias) + unit.h * p.dt_bias_head_stride +
+                         i * p.dt_bias_headdim_stride);
       }
+      const acc_t x = to_acc(load_input(static_cast<const input_t*>(p.x) +
+                                        unit.b * p.x_batch_stride + unit.h * p.x_head_stride +
+                                        i * p.x_headdim_stride));
       if (p.dt_softplus) dt = softplus(dt);
-      const acc_t x = to_acc(x_raw[r]);
       const acc_t dt_x = dt * x;
       const acc_t* A_row = A + i * p.A_headdim_stride;  // (dstate,)
-      const acc_t decay_row = exp_fast(A0[r] * dt);  // used when scalar_A
+      const acc_t decay_row = scalar_A ? exp_fast(load_input(A_row) * dt) : acc_t(0);
       float* row = state_row(unit, i);
       acc_t y = 0;
 #pragma unroll
@@ -568,8 +480,15 @@ __global__ void __launch_bounds__(kFastThreads)
         y += __shfl_xor_sync(row_mask, y, offset, lanes);
       }
       if (lane == 0) {
-        y += D[r] * x;
-        if (p.z) y *= silu(to_acc(z_raw[r]));
+        if (p.D) {
+          y += load_input(static_cast<const acc_t*>(p.D) + unit.h * p.D_head_stride +
+                          i * p.D_headdim_stride) * x;
+        }
+        if (p.z) {
+          y *= silu(to_acc(load_input(static_cast<const input_t*>(p.z) +
+                                      unit.b * p.z_batch_stride + unit.h * p.z_head_stride +
+                                      i * p.z_headdim_stride)));
+        }
         out[i * p.out_headdim_stride] = from_acc<input_t>(y);
       }
     }

@@ -316,9 +316,13 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
 // units into a ring in shared memory with cp.async (16 bytes a lane, each lane copying exactly
 // the pieces it later reads, so no barrier is needed: cp.async.wait_group orders its own copies)
 // while it computes the current unit from the ring; the new state is stored from registers with
-// the streaming hint. So (kStages - 1) units of loads stay in flight per warp whatever the
-// compute, the shuffles and the loads of the per-row scalars cost, and no block's start or end
-// leaves a gap in the traffic.
+// the streaming hint. So up to kStages - 1 units of state loads are in flight per warp, and no
+// block's start or end leaves a gap in the traffic. Measured on an H100 (d76566c), the warps'
+// pace is what limits it: each unit's other inputs (x, dt, then z after the reduction) are
+// loaded after the wait, a chain of round trips per 2 KB unit, and throughput grows with the
+// resident warps (b256: 611 / 1080 / 1469 / 1733 / 2027 GB/s at 1 / 2 / 3 / 4 / 6 blocks per
+// SM). Loading them before the wait took 95 registers and lost a block per SM: slower
+// (benchmarks/results/h100/state_update_notes.md).
 constexpr int kFastWarps = 4;
 constexpr int kFastThreads = kFastWarps * 32;
 constexpr int kFastRows = 2;  // rows per thread and unit

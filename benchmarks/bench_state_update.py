@@ -2,10 +2,11 @@
 
 Shapes: Mamba-2 decode at b1 / b64 / b256, h80 p64 n128 with a float32 state (shared/anchors.md),
 a Mamba-2 speculative draft of 4 tokens at b64 writing its intermediate states, and Mamba-1 at
-b1 / b64, d4096 n16. On CUDA a second table sweeps the kernel's launch shape (lanes per row, rows
-per thread: MAMBA_EXT_STATE_UPDATE_TUNE) at the Mamba-2 shapes. Activations bf16, A / D / dt_bias fp32, one group, z gating and
-dt_softplus on, as the anchors were measured; Mamba-2's A, dt, dt_bias and D are per head,
-expanded with stride 0 as Mamba2 passes them.
+b1 / b64, d4096 n16. On CUDA a second table sweeps the kernels' launch shapes
+(MAMBA_EXT_STATE_UPDATE_TUNE: blocks per SM of the single-token kernel, or the general kernel's
+lanes per row and rows per thread) at the Mamba-2 shapes. Activations bf16, A / D / dt_bias fp32,
+one group, z gating and dt_softplus on, as the anchors were measured; Mamba-2's A, dt, dt_bias and
+D are per head, expanded with stride 0 as Mamba2 passes them.
 
 The op is memory-bound: the floor is the bytes it must move (the state read and written dominates)
 at the bandwidth of an in-place elementwise update measured here on the same device.
@@ -116,13 +117,16 @@ def main():
 
 
 def sweep_launch_shapes(device, ceiling):
-    """The Mamba-2 shapes under each launch shape the kernel takes (lanes per row, rows per
-    thread), to see what the heuristic leaves on the table."""
+    """The Mamba-2 shapes under each launch shape the kernels take: the single-token kernel with
+    K blocks per SM ("blocks=K"; the heuristic takes as many as are resident), and the general
+    (draft-capable) kernel with its heuristic ("general") or lanes per row and rows per thread
+    ("lanes,rows"), to see what the heuristic leaves on the table."""
     rows = []
     for batch in (1, 64, 256):
         inputs = mamba2_inputs(batch, device)
         nbytes = bytes_moved(inputs)
-        for tune in ("heuristic", "16,1", "16,2", "16,4", "32,1", "32,2", "32,4"):
+        for tune in ("heuristic", "blocks=1", "blocks=2", "blocks=3", "blocks=4", "general",
+                     "16,2", "16,4"):
             if tune == "heuristic":
                 os.environ.pop(TUNE_VARIABLE, None)
             else:
@@ -131,6 +135,15 @@ def sweep_launch_shapes(device, ceiling):
             rows.append(dict(op="selective_state_update", shape=f"b{batch} h80 p64 n128",
                              launch=tune, time_ms=ms, GBps=nbytes / ms / 1e6,
                              fraction_of_floor=nbytes / ceiling / 1e6 / ms))
+        # The state only read (disable_state_update): the read half of the traffic alone.
+        os.environ.pop(TUNE_VARIABLE, None)
+        ms = harness.time_ms(
+            lambda: selective_state_update(**inputs, disable_state_update=True), device)
+        read_bytes = nbytes - inputs["state"].numel() * inputs["state"].element_size()
+        rows.append(dict(op="selective_state_update", shape=f"b{batch} h80 p64 n128",
+                         launch="heuristic, state read only", time_ms=ms,
+                         GBps=read_bytes / ms / 1e6,
+                         fraction_of_floor=read_bytes / ceiling / 1e6 / ms))
     os.environ.pop(TUNE_VARIABLE, None)
     harness.write_results("state_update_launch_sweep", rows, device,
                           ["shape", "launch", "time_ms", "GBps", "fraction_of_floor"])

@@ -538,8 +538,9 @@ def _assert_rel(actual, expected, tol, name):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tune", [None, "32,4", "32,1"], ids=["heuristic", "lanes32-rows4",
-                                                               "lanes32-rows1"])
+@pytest.mark.parametrize("tune", [None, "32,4", "32,1", "general", "blocks=1"],
+                         ids=["heuristic", "lanes32-rows4", "lanes32-rows1", "general",
+                              "single-token-blocks1"])
 @pytest.mark.parametrize("seqlen", [None, 4], ids=["token", "draft4"])
 @pytest.mark.parametrize("dtype, state_dtype", [(torch.float32, None), (torch.bfloat16, None),
                                                 (torch.bfloat16, torch.bfloat16)])
@@ -547,7 +548,9 @@ def _assert_rel(actual, expected, tol, name):
 def test_cuda_matches_cpu_kernel(dtype, state_dtype, dstate, seqlen, tune, monkeypatch):
     """The CUDA kernel against the CPU one at a Mamba-2 decode size, Mamba2's broadcast weights;
     drafts with their intermediate states; the launch shapes the tuning knob forces (4 rows a
-    thread is what large batches get)."""
+    thread is what large batches get; "general" puts a single token through the draft-capable
+    kernel; "blocks=1" gives the single-token kernel one block per SM, so that each warp goes
+    round its ring of staged units several times)."""
     if tune:
         monkeypatch.setenv("MAMBA_EXT_STATE_UPDATE_TUNE", tune)
     case = make_case("cuda", nheads=24, dim=64, dstate=dstate, ngroups=2, batch=5, dtype=dtype,
@@ -582,6 +585,29 @@ def test_cuda_large_batch_against_reference(nheads, dim, dstate):
                                         seqlen=3, dtype=torch.bfloat16,
                                         broadcast=nheads is not None))
     check_against_reference(draft)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tune", [None, "blocks=1"], ids=["heuristic", "blocks1"])
+@pytest.mark.parametrize("nheads, dim, dstate", [(None, 4096, 16), (80, 64, 128), (3, 40, 256)],
+                         ids=["mamba1-d4096", "mamba2-h80", "mamba2-n256"])
+def test_cuda_single_token_disable_state_update(nheads, dim, dstate, tune, monkeypatch):
+    """The single-token kernel with disable_state_update: out as with the update, the state
+    untouched; state_batch_indices into a larger pool."""
+    if tune:
+        monkeypatch.setenv("MAMBA_EXT_STATE_UPDATE_TUNE", tune)
+    case = make_case("cuda", nheads=nheads, dim=dim, dstate=dstate, batch=12, state_pool=20,
+                     dtype=torch.bfloat16, broadcast=nheads is not None)
+    updated = check_against_reference(case)
+    state = case["state"].clone()
+    out = selective_state_update(**{**case, "state": state, "disable_state_update": True})
+    assert torch.equal(state, case["state"])
+    expected = selective_state_update(**{**case, "state": case["state"].clone()})
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    rows = case["state_batch_indices"].long()
+    untouched = torch.ones(20, dtype=torch.bool, device="cuda")
+    untouched[rows] = False
+    assert torch.equal(updated[untouched], case["state"][untouched])
 
 
 @pytest.mark.cuda

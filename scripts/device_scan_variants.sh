@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # After scripts/device_run.sh on the GPU machine: Nsight Compute sections of one selective scan
-# forward and backward, then forward times of kernel variants built with other flags.
-#   usage: bash scripts/device_scan_variants.sh "FLAGS A" "FLAGS B" ...   (nvcc -D flags)
+# forward and backward, then forward times of kernel variants built with other nvcc flags
+# (-D... of experiment macros a kernel reads, when it has some).
+#   usage: bash scripts/device_scan_variants.sh ["FLAGS A" "FLAGS B" ...]
 set -uo pipefail
 OUT=${OUT:-/tmp/mamba_ext_out}
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAMBA_EXT_CUDA=1

@@ -130,9 +130,12 @@ constexpr MAMBA_HOST_DEVICE int selective_scan_cuda_chunk(bool double_precision)
 
 struct SelectiveScanCudaGeometry {
   int chunk, states_per_thread, slices, channel_warps, slice_blocks;
+  // Lanes that share a channel's slice (1, or 2: neighbouring lanes, half the states each).
+  int lanes_per_channel = 1;
   int64_t channel_blocks_per_group;
   MAMBA_HOST_DEVICE int threads() const { return 32 * channel_warps * slices; }
-  MAMBA_HOST_DEVICE int channels_per_block() const { return 32 * channel_warps; }
+  MAMBA_HOST_DEVICE int channels_per_warp() const { return 32 / lanes_per_channel; }
+  MAMBA_HOST_DEVICE int channels_per_block() const { return channels_per_warp() * channel_warps; }
   MAMBA_HOST_DEVICE int64_t chunks(int64_t seqlen) const { return (seqlen + chunk - 1) / chunk; }
 };
 
@@ -140,14 +143,17 @@ inline SelectiveScanCudaGeometry selective_scan_cuda_geometry(int64_t dim, int64
                                                               int64_t dstate,
                                                               bool double_precision,
                                                               int states_per_thread,
-                                                              int max_slices, int max_warps) {
+                                                              int max_slices, int max_warps,
+                                                              int lanes_per_channel = 1) {
   SelectiveScanCudaGeometry g{};
   g.chunk = selective_scan_cuda_chunk(double_precision);
   g.states_per_thread = states_per_thread;
+  g.lanes_per_channel = lanes_per_channel;
   const int slices = static_cast<int>((dstate + states_per_thread - 1) / states_per_thread);
   g.slice_blocks = (slices + max_slices - 1) / max_slices;
   g.slices = (slices + g.slice_blocks - 1) / g.slice_blocks;
-  const int64_t channel_warps_needed = (dim / ngroups + 31) / 32;
+  const int64_t channel_warps_needed =
+      (dim / ngroups + g.channels_per_warp() - 1) / g.channels_per_warp();
   g.channel_warps = static_cast<int>(
       std::min<int64_t>(std::max(1, max_warps / g.slices), channel_warps_needed));
   g.channel_blocks_per_group =
@@ -155,16 +161,14 @@ inline SelectiveScanCudaGeometry selective_scan_cuda_geometry(int64_t dim, int64
   return g;
 }
 
-// The forward keeps 16 states a thread, all slices in one block (up to 16 warps), 4 warps of
-// channels at dstate <= 16 (2 blocks an SM at batch 8, dim 4096). The backward keeps 4 (it
+// The forward's slices hold 16 states, 8 in each of two neighbouring lanes (16 channels a
+// warp: twice the warps of one lane a channel, for latency hiding); all slices in one block (up
+// to 16 warps), 4 warps of channels at dstate <= 16. The backward keeps 4 states a thread (it
 // holds 8 tokens of their history in registers), with at most 8 slices (256 threads) a block.
-#ifndef MAMBA_EXT_SCAN_FWD_STATES  // experiment knob (benchmarks only): states a thread
-#define MAMBA_EXT_SCAN_FWD_STATES 16
-#endif
 inline SelectiveScanCudaGeometry selective_scan_fwd_cuda_geometry(const SelectiveScanFwdParams& p,
                                                                   bool double_precision) {
-  return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision,
-                                      MAMBA_EXT_SCAN_FWD_STATES, 16, 4);
+  return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision, 16, 16, 4,
+                                      2);
 }
 constexpr int kScanBwdStatesPerThread = 4;
 inline SelectiveScanCudaGeometry selective_scan_bwd_cuda_geometry(const SelectiveScanFwdParams& p,

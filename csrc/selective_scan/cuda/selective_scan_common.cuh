@@ -51,6 +51,7 @@ __device__ __forceinline__ void load_smem_states(acc_t (&v)[kStates], const acc_
 // Where the thread and its block sit. Channels are indices into `dim`.
 struct BlockPosition {
   int threads, lane, channel_warp, slice;
+  int lane_slice;         // which of the lanes sharing a channel's slice (0 when one lane)
   int channels;           // per block
   int channel_stride;     // shared-memory token row: channels + 1
   int channel_in_block;   // of this thread
@@ -75,7 +76,9 @@ __device__ __forceinline__ BlockPosition block_position(const SelectiveScanFwdPa
   pos.slice = warp / g.channel_warps;
   pos.channels = g.channels_per_block();
   pos.channel_stride = pos.channels + 1;
-  pos.channel_in_block = pos.channel_warp * 32 + pos.lane;
+  pos.channel_in_block =
+      pos.channel_warp * g.channels_per_warp() + pos.lane / g.lanes_per_channel;
+  pos.lane_slice = pos.lane % g.lanes_per_channel;
   pos.batch = blockIdx.y;
   pos.group = blockIdx.x / g.channel_blocks_per_group;
   const int64_t dim_per_group = p.dim / p.ngroups;
@@ -84,7 +87,8 @@ __device__ __forceinline__ BlockPosition block_position(const SelectiveScanFwdPa
   pos.group_end = (pos.group + 1) * dim_per_group;
   pos.padded_states = g.slices * g.states_per_thread;
   pos.block_state0 = static_cast<int64_t>(blockIdx.z) * pos.padded_states;
-  pos.state0 = pos.block_state0 + pos.slice * g.states_per_thread;
+  pos.state0 = pos.block_state0 + pos.slice * g.states_per_thread +
+               pos.lane_slice * (g.states_per_thread / g.lanes_per_channel);
   return pos;
 }
 

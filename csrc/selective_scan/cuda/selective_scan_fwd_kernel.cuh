@@ -2,10 +2,11 @@
 // softplus), the decay exp, the scan, the C contraction, D, the z gate and the sequence resets
 // of a packed batch.
 //
-// A thread owns one channel and 16 of its states (a state slice; dstate > 16 takes several
-// slices, in different warps of the block). It walks the tokens in order; per (token, state)
-// one exp2 (A comes pre-scaled by log2 e) and four FMA-pipe instructions. Per token it computes
-// dt, dt * u and the output of its channel once, for all 16 states.
+// Two neighbouring lanes own one channel and 16 of its states (a state slice, 8 states a lane;
+// dstate > 16 takes several slices, in different warps of the block). They walk the tokens in
+// order; per (token, state) one exp2 (A comes pre-scaled by log2 e) and four FMA-pipe
+// instructions. Per token the pair computes dt (softplus) and the output (D, gate) once: each
+// lane every other token, handed over by a shuffle, as is the C contraction's other half.
 //
 // Tokens go by chunks of kChunk. Per chunk the block stages in shared memory:
 //   u, delta, z tiles   [channels][kChunk] in the input type, double-buffered: the next chunk's
@@ -27,7 +28,7 @@
 namespace mamba_ext {
 namespace scan_cuda {
 
-constexpr int kFwdStates = MAMBA_EXT_SCAN_FWD_STATES;  // states a thread keeps
+constexpr int kFwdStates = 8;  // states a thread keeps: half of a 16-state slice
 constexpr int kFwdWarps = 4;    // warps of channels a block, for dstate <= 16
 
 // Which streams move by 16-byte vectors (token stride 1, 16-byte aligned rows); the others go
@@ -131,14 +132,10 @@ __device__ __forceinline__ void load_tile(input_t* tile, const input_t* base, in
   }
 }
 
-// kMaxThreads: 256 lets the compiler keep the next tokens' loads in flight (about 200
-// registers); 512 (dstate > 128, 16 slices) caps it at 128, with a few spills. kPacked: seq_idx
-// given; the sequence checks stay out of the token loop of plain batches.
-#ifndef MAMBA_EXT_SCAN_FWD_MIN_BLOCKS  // experiment knob (benchmarks only)
-#define MAMBA_EXT_SCAN_FWD_MIN_BLOCKS 1
-#endif
-template <typename input_t, int kMaxThreads, bool kPacked>
-__global__ void __launch_bounds__(kMaxThreads, kMaxThreads == 256 ? MAMBA_EXT_SCAN_FWD_MIN_BLOCKS : 1)
+// At most 128 registers: 4 blocks of 128 threads an SM at dstate <= 16, 16 warps of 512 at 256.
+// kPacked: seq_idx given; the sequence checks stay out of the token loop of plain batches.
+template <typename input_t, bool kPacked>
+__global__ void __launch_bounds__(512, 1)
     selective_scan_fwd_kernel(const SelectiveScanFwdParams p, const SelectiveScanCudaGeometry g,
                               const FwdTiles<input_t> tiles, const FwdVectorized vec) {
   using acc_t = acc_type<input_t>;
@@ -241,7 +238,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMaxThreads == 256 ? MAMBA_EXT_SC
   if (!p.is_variable_B) stage_constant(s_B, p.B, p.B_dim_stride, p.B_dstate_stride);
   if (!p.is_variable_C) stage_constant(s_C, p.C, p.C_dim_stride, p.C_dstate_stride);
   // This thread's 16 states of B and C at token t: B_base[t * B_token_stride], likewise C.
-  const int state_offset = pos.slice * kFwdStates;
+  const int state_offset = static_cast<int>(pos.state0 - pos.block_state0);
   const acc_t* B_base = p.is_variable_B ? s_B + state_offset
                                         : s_B + c * tiles.const_stride() + state_offset;
   const acc_t* C_base = p.is_variable_C ? s_C + state_offset
@@ -285,52 +282,70 @@ __global__ void __launch_bounds__(kMaxThreads, kMaxThreads == 256 ? MAMBA_EXT_SC
 
     input_t* row_u = tile_u + c * kPitch;
     const int chunk_tokens = static_cast<int>(p.seqlen - token0 < kChunk ? p.seqlen - token0 : kChunk);
+    // A lane pair shares each channel (8 states each): each lane computes dt for every other
+    // token and finishes every other output; a shuffle hands over the rest.
+    const bool odd = pos.lane_slice != 0;
 #pragma unroll 1
     for (int v = 0; v < kVecs; ++v) {
       const Vec16<input_t> u_v = load_vec16(row_u + v * kPerVec);
       const Vec16<input_t> delta_v = load_vec16(row_u + channels * kPitch + v * kPerVec);
       Vec16<input_t> z_v;
       if (z_rows != nullptr) z_v = load_vec16(tile_z + c * kPitch + v * kPerVec);
-      Vec16<input_t> out_v;
+      acc_t dt[kPerVec], y[kPerVec];
+      bool live[kPerVec];
+#pragma unroll
+      for (int j = 0; j < kPerVec; j += 2) {
+        acc_t mine = to_acc(odd ? delta_v.v[j + 1] : delta_v.v[j]) + bias;
+        if (p.delta_softplus) mine = softplus_fast(mine);
+        const acc_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
+        dt[j] = odd ? other : mine;
+        dt[j + 1] = odd ? mine : other;
+      }
 #pragma unroll
       for (int j = 0; j < kPerVec; ++j) {
         const int t = v * kPerVec + j;
-        acc_t dt = to_acc(delta_v.v[j]) + bias;
-        if (p.delta_softplus) dt = softplus_fast(dt);
-        bool live = t < chunk_tokens;
-        if (kPacked && live) {
+        live[j] = t < chunk_tokens;
+        if (kPacked && live[j]) {
           const int id = s_seq[t];
           if (id != prev_id) {  // a sequence starts (the same for the whole block)
             if (per_sequence && prev_id >= 0) store_state(p.last_state, prev_id);  // not padding
             load_start_state(h, p, pos, id, token0 + t);
             prev_id = id;
           }
-          live = id != kPadding;
+          live[j] = id != kPadding;
         }
-        dt = live ? dt : acc_t(0);
-        const acc_t u = to_acc(u_v.v[j]);
-        const acc_t dtu = dt * u;
+        const acc_t dt_j = live[j] ? dt[j] : acc_t(0);
+        const acc_t dtu = dt_j * to_acc(u_v.v[j]);
         acc_t B[kFwdStates], C[kFwdStates];
         load_smem_states(B, B_base + t * B_token_stride);
         load_smem_states(C, C_base + t * C_token_stride);
-        // Four partial sums: a chain of 16 dependent FMAs a token would stall the warp.
+        // Partial sums: one chain of dependent FMAs a token would stall the warp.
         acc_t y_part[4] = {0, 0, 0, 0};
 #pragma unroll
         for (int i = 0; i < kFwdStates; ++i) {
-          h[i] = exp2_approx(dt * A2[i]) * h[i] + dtu * B[i];
+          h[i] = exp2_approx(dt_j * A2[i]) * h[i] + dtu * B[i];
           y_part[i % 4] += h[i] * C[i];
         }
-        acc_t y = (y_part[0] + y_part[1]) + (y_part[2] + y_part[3]);
-        if (g.slices == 1) {
-          y += D * u;
-          if (z_rows != nullptr) y *= silu_fast(to_acc(z_v.v[j]));
-          out_v.v[j] = from_acc<input_t>(live ? y : acc_t(0));
-        } else {
-          s_y[(pos.slice * kChunk + t) * channels + c] = y;
-        }
+        y[j] = (y_part[0] + y_part[1]) + (y_part[2] + y_part[3]);
+        y[j] += __shfl_xor_sync(0xffffffffu, y[j], 1);
       }
-      if (g.slices == 1 && has_out)
-        *reinterpret_cast<uint4*>(row_u + v * kPerVec) = *reinterpret_cast<const uint4*>(out_v.v);
+      if (g.slices == 1) {
+        Vec16<input_t> out_v;
+#pragma unroll
+        for (int j = 0; j < kPerVec; j += 2) {
+          acc_t mine = (odd ? y[j + 1] : y[j]) + D * to_acc(odd ? u_v.v[j + 1] : u_v.v[j]);
+          if (z_rows != nullptr) mine *= silu_fast(to_acc(odd ? z_v.v[j + 1] : z_v.v[j]));
+          mine = (odd ? live[j + 1] : live[j]) ? mine : acc_t(0);
+                const acc_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
+          out_v.v[j] = from_acc<input_t>(odd ? other : mine);
+          out_v.v[j + 1] = from_acc<input_t>(odd ? mine : other);
+        }
+        if (has_out && !odd)
+          *reinterpret_cast<uint4*>(row_u + v * kPerVec) = *reinterpret_cast<const uint4*>(out_v.v);
+      } else if (!odd) {
+#pragma unroll
+        for (int j = 0; j < kPerVec; ++j) s_y[(pos.slice * kChunk + v * kPerVec + j) * channels + c] = y[j];
+      }
     }
     if (!has_out) continue;
 
@@ -410,11 +425,8 @@ cudaError_t launch_selective_scan_fwd(const SelectiveScanFwdParams& p,
                                                   p.C_dstate_stride},
                                             p.C_seqlen_stride, kPerVec);
   const size_t smem = tiles.total();
-  auto kernel = g.threads() <= 256
-                    ? (p.seq_idx ? &selective_scan_fwd_kernel<input_t, 256, true>
-                                 : &selective_scan_fwd_kernel<input_t, 256, false>)
-                    : (p.seq_idx ? &selective_scan_fwd_kernel<input_t, 512, true>
-                                 : &selective_scan_fwd_kernel<input_t, 512, false>);
+  auto kernel = p.seq_idx ? &selective_scan_fwd_kernel<input_t, true>
+                          : &selective_scan_fwd_kernel<input_t, false>;
   cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (error != cudaSuccess) return error;

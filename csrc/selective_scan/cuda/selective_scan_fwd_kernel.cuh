@@ -86,7 +86,7 @@ template <typename T> __device__ __forceinline__ Vec16<T> load_vec16(const T* sm
 // instructions, against log1pf's library call). Above 20 the log1p term is below x's ulp, as
 // torch's threshold has it.
 __device__ __forceinline__ float softplus_fast(float x) {
-  const float e = __expf(-fabsf(x));
+  const float e = exp2_approx(fabsf(x) * -float(kLog2e));  // flushes below 2^-126 to 0
   const float s = __fdividef(e, 2.0f + e), s2 = s * s;
   float p = 1.0f / 11.0f;
   p = p * s2 + 1.0f / 9.0f;
@@ -97,7 +97,10 @@ __device__ __forceinline__ float softplus_fast(float x) {
   return fmaxf(x, 0.0f) + 2.0f * s * p;
 }
 __device__ __forceinline__ double softplus_fast(double x) { return softplus(x); }
-__device__ __forceinline__ float silu_fast(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
+// x sigmoid(x); far below 0 the exp overflows to inf and the quotient to -0.
+__device__ __forceinline__ float silu_fast(float x) {
+  return __fdividef(x, 1.0f + exp2_approx(x * -float(kLog2e)));
+}
 __device__ __forceinline__ double silu_fast(double x) { return silu(x); }
 
 // Rows [0, rows) x tokens [token0, token0 + kChunk) of a (row, token) matrix at `base` into
@@ -210,8 +213,12 @@ __global__ void __launch_bounds__(512, 1)
 
   // s_B[t][n], s_C[t][n] in acc_t for the chunk at token0.
   auto stage_BC = [&](int64_t token0) {
-    for (int e = threadIdx.x; e < states * kChunk; e += blockDim.x) {
-      const int n = e % states, t = e / states;
+    // e = t * states + n, stepped without a division a step.
+    const int step_t = blockDim.x / states, step_n = blockDim.x % states;
+    int n = threadIdx.x % states, t = threadIdx.x / states;
+    for (int e = threadIdx.x; e < states * kChunk;
+         e += blockDim.x, t += step_t + (n + step_n >= states),
+             n += n + step_n >= states ? step_n - states : step_n) {
       const bool valid = n < valid_states && token0 + t < p.seqlen;
       if (p.is_variable_B)
         s_B[e] = tiles.async_BC ? to_acc(raw_B[n * kPitch + t])

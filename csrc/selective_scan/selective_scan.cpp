@@ -417,6 +417,19 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cuda_op(
   FwdCall call = prepare_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
                              num_sequences, delta_softplus);
   if (call.out.numel() == 0 && call.last_state.numel() == 0) return {call.out, call.last_state};
+  // Length parallelism when batch x dim gives too few warps (selective_scan.h).
+  SelectiveScanFwdParams& p = call.params;
+  const int64_t segment_len =
+      selective_scan_fwd_cuda_segment_len(p, u.scalar_type() == at::kDouble);
+  at::Tensor segment_states, segment_dt;
+  if (segment_len > 0) {
+    p.segment_len = segment_len;
+    p.segments = (p.seqlen + segment_len - 1) / segment_len;
+    segment_states = at::empty({p.batch, p.segments, p.dim, p.dstate}, A.options());
+    segment_dt = at::empty({p.batch, p.segments, p.dim}, A.options());
+    p.segment_states = segment_states.data_ptr();
+    p.segment_dt = segment_dt.data_ptr();
+  }
   cudaError_t error = cudaSuccess;
   MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kFwdOp, [&] {
     error = selective_scan_fwd_cuda<cuda_type<input_t>>(call.params,

@@ -76,6 +76,17 @@ struct SelectiveScanFwdParams {
   // (selective_scan_cuda_chunk) here, (batch, dim, nchunks, dstate) in acc_type; the backward restarts
   // from these checkpoints instead of keeping every state.
   void* checkpoints = nullptr;
+
+  // CUDA only, length parallelism of the forward when batch x dim gives too few warps: the
+  // sequence is cut into `segments` of segment_len tokens (a multiple of the chunk), a block row
+  // each. Pass 1 runs segments > 0 from a zero state and writes their end states and the sum of
+  // dt after their last sequence start (NaN when none: the state does not cross the segment);
+  // a combine kernel turns those into each segment's true start state, in place; pass 2 runs
+  // every segment from its start state. The host allocates the scratch.
+  int64_t segment_len = 0, segments = 1;
+  int segment_pass = 0;            // 0: no segments; 1, 2: the passes
+  void* segment_states = nullptr;  // (batch, segments, dim, dstate) acc_type
+  void* segment_dt = nullptr;      // (batch, segments, dim) acc_type
 };
 
 // The gradients of every input given dout and dlast_state. Each gradient has the shape and type
@@ -169,6 +180,17 @@ inline SelectiveScanCudaGeometry selective_scan_fwd_cuda_geometry(const Selectiv
                                                                   bool double_precision) {
   return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision, 16, 16, 4,
                                       2);
+}
+// Segment length of the forward's length parallelism (0: none): enough segments that the
+// launch has about 16 warps an SM of 132, each of at least 4 chunks.
+inline int64_t selective_scan_fwd_cuda_segment_len(const SelectiveScanFwdParams& p,
+                                                   bool double_precision) {
+  const SelectiveScanCudaGeometry g = selective_scan_fwd_cuda_geometry(p, double_precision);
+  const int64_t warps = p.batch * p.ngroups * g.channel_blocks_per_group * g.threads() / 32;
+  const int64_t target_warps = 132 * 16, nchunks = g.chunks(p.seqlen);
+  const int64_t segments = std::min<int64_t>((target_warps + warps - 1) / warps, nchunks / 4);
+  if (warps == 0 || segments < 2) return 0;
+  return (nchunks + segments - 1) / segments * g.chunk;
 }
 constexpr int kScanBwdStatesPerThread = 4;
 inline SelectiveScanCudaGeometry selective_scan_bwd_cuda_geometry(const SelectiveScanFwdParams& p,

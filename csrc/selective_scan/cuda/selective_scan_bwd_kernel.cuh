@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(256)
   constexpr int kChunk = selective_scan_cuda_chunk(sizeof(acc_t) == 8);
   constexpr int kSubs = kChunk / kBwdSub;
   extern __shared__ __align__(16) unsigned char smem_bytes[];
-  const BlockPosition pos = block_position(p, g);
+  const BlockPosition pos = block_position(p, g, blockIdx.z);
   const int cs = pos.channel_stride, c = pos.channel_in_block;
   const int rows = kChunk * cs;
   acc_t* s_dt = reinterpret_cast<acc_t*>(smem_bytes);  // [kChunk][cs] each

@@ -65,9 +65,11 @@ struct BlockPosition {
   __device__ bool channel_valid(int c) const { return channel0 + c < group_end; }
 };
 
-// Grid: x = group * channel_blocks_per_group + channel block, y = batch, z = slice block.
+// Grid: x = group * channel_blocks_per_group + channel block, y = batch; the slice block is z
+// in the backward (the forward's z is the segment).
 __device__ __forceinline__ BlockPosition block_position(const SelectiveScanFwdParams& p,
-                                                        const SelectiveScanCudaGeometry& g) {
+                                                        const SelectiveScanCudaGeometry& g,
+                                                        int slice_block) {
   BlockPosition pos;
   pos.threads = g.threads();
   pos.lane = threadIdx.x % 32;
@@ -86,7 +88,7 @@ __device__ __forceinline__ BlockPosition block_position(const SelectiveScanFwdPa
                  (blockIdx.x % g.channel_blocks_per_group) * pos.channels;
   pos.group_end = (pos.group + 1) * dim_per_group;
   pos.padded_states = g.slices * g.states_per_thread;
-  pos.block_state0 = static_cast<int64_t>(blockIdx.z) * pos.padded_states;
+  pos.block_state0 = static_cast<int64_t>(slice_block) * pos.padded_states;
   pos.state0 = pos.block_state0 + pos.slice * g.states_per_thread +
                pos.lane_slice * (g.states_per_thread / g.lanes_per_channel);
   return pos;

@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(512, 1)
   constexpr int kPerVec = Vec16<input_t>::kSize, kVecs = kChunk / kPerVec;
   extern __shared__ __align__(16) unsigned char smem[];
 
-  const BlockPosition pos = block_position(p, g);
+  const BlockPosition pos = block_position(p, g, 0);
   const int c = pos.channel_in_block, channels = pos.channels, states = pos.padded_states;
   const int64_t channel = pos.channel0 + c;
   const int valid_channels = static_cast<int>(
@@ -155,6 +155,11 @@ __global__ void __launch_bounds__(512, 1)
   const int64_t states_left = p.dstate - pos.block_state0;
   const int valid_states = static_cast<int>(states_left < states ? states_left : states);
   const bool has_out = p.out != nullptr, per_sequence = p.num_sequences > 0;
+  // The block's tokens: its segment of the sequence (all of it without length parallelism).
+  const int64_t segment = blockIdx.z, token_begin = segment * p.segment_len;
+  const int64_t token_end = p.segment_len == 0 || token_begin + p.segment_len > p.seqlen
+                                ? p.seqlen
+                                : token_begin + p.segment_len;
 
   // The block's rows of each stream.
   const input_t* u_rows = static_cast<const input_t*>(p.u) + pos.batch * p.u_batch_stride +
@@ -184,18 +189,18 @@ __global__ void __launch_bounds__(512, 1)
     unsigned char* stage = smem + tiles.stage(s);
     input_t* tile = reinterpret_cast<input_t*>(stage);
     load_tile(tile, u_rows, p.u_dim_stride, p.u_seqlen_stride, channels, valid_channels, token0,
-              p.seqlen, vec.u);
+              token_end, vec.u);
     tile += channels * kPitch;
     load_tile(tile, delta_rows, p.delta_dim_stride, p.delta_seqlen_stride, channels,
-              valid_channels, token0, p.seqlen, vec.delta);
+              valid_channels, token0, token_end, vec.delta);
     tile += channels * kPitch;
     if (z_rows != nullptr)
       load_tile(tile, z_rows, p.z_dim_stride, p.z_seqlen_stride, channels, valid_channels, token0,
-                p.seqlen, vec.z);
+                token_end, vec.z);
     if (seq_row != nullptr) {
       int32_t* s_seq = reinterpret_cast<int32_t*>(stage + 3 * tiles.tile_bytes());
       for (int t = threadIdx.x; t < kChunk; t += blockDim.x) {
-        const bool valid = token0 + t < p.seqlen;
+        const bool valid = token0 + t < token_end;
         cp_async_4(s_seq + t, valid ? seq_row + (token0 + t) * p.seq_idx_seqlen_stride : seq_row,
                    valid ? 4 : 0);
       }
@@ -203,10 +208,10 @@ __global__ void __launch_bounds__(512, 1)
     if (tiles.async_BC) {
       if (p.is_variable_B)
         load_tile(raw_B, B_rows, p.B_dstate_stride, p.B_seqlen_stride, states, valid_states,
-                  token0, p.seqlen, vec.B);
+                  token0, token_end, vec.B);
       if (p.is_variable_C)
         load_tile(raw_C, C_rows, p.C_dstate_stride, p.C_seqlen_stride, states, valid_states,
-                  token0, p.seqlen, vec.C);
+                  token0, token_end, vec.C);
     }
     cp_async_commit();
   };
@@ -219,7 +224,7 @@ __global__ void __launch_bounds__(512, 1)
     for (int e = threadIdx.x; e < states * kChunk;
          e += blockDim.x, t += step_t + (n + step_n >= states),
              n += n + step_n >= states ? step_n - states : step_n) {
-      const bool valid = n < valid_states && token0 + t < p.seqlen;
+      const bool valid = n < valid_states && token0 + t < token_end;
       if (p.is_variable_B)
         s_B[e] = tiles.async_BC ? to_acc(raw_B[n * kPitch + t])
                  : valid ? to_acc(B_rows[n * p.B_dstate_stride + (token0 + t) * p.B_seqlen_stride])
@@ -261,17 +266,30 @@ __global__ void __launch_bounds__(512, 1)
   const acc_t D = channel_valid ? channel_weight<acc_t>(p.D, p.D_stride, channel) : acc_t(0);
   const acc_t bias =
       channel_valid ? channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, channel) : acc_t(0);
-  // Per-row states start from initial_state[batch]; per-sequence ones at their first token.
-  load_start_state(h, p, pos, per_sequence ? -1 : 0, 0);
+  // Per-row states start from initial_state[batch]; per-sequence ones at their first token;
+  // later segments from zero (pass 1) or their true start state (pass 2).
+  const int64_t segment_row = (pos.batch * p.segments + segment) * p.dim + channel;
+  if (segment == 0) {
+    load_start_state(h, p, pos, per_sequence ? -1 : 0, 0);
+  } else {
+    load_thread_states(h, p.segment_pass == 2 ? p.segment_states : nullptr,
+                       segment_row * p.dstate, 1, p, pos);
+  }
   auto store_state = [&](void* ptr, int64_t row) {
     store_thread_states(h, ptr, row * p.last_state_batch_stride + channel * p.last_state_dim_stride,
                         p.last_state_dstate_stride, p, pos);
   };
-  int64_t prev_id = kNoSequence;  // the sequence of the previous token
+  // The sequence of the previous token.
+  int64_t prev_id =
+      kPacked && segment > 0 ? sequence_of(p, pos.batch, token_begin - 1) : kNoSequence;
+  // Pass 1: the sum of dt since the segment's last sequence start, and whether there was one.
+  acc_t dt_sum = 0;
+  bool restarted = false;
 
-  const int64_t nchunks = g.chunks(p.seqlen);
-  if (nchunks > 0) issue_loads(0, 0);
-  for (int64_t chunk_index = 0; chunk_index < nchunks; ++chunk_index) {
+  const int64_t nchunks = g.chunks(p.seqlen);  // of the whole sequence (checkpoint rows)
+  const int64_t chunk_begin = token_begin / kChunk, chunk_end = g.chunks(token_end);
+  if (chunk_begin < chunk_end) issue_loads(chunk_begin, chunk_begin & 1);
+  for (int64_t chunk_index = chunk_begin; chunk_index < chunk_end; ++chunk_index) {
     const int64_t token0 = chunk_index * kChunk;
     unsigned char* stage = smem + tiles.stage(chunk_index & 1);
     input_t* tile_u = reinterpret_cast<input_t*>(stage);
@@ -282,13 +300,13 @@ __global__ void __launch_bounds__(512, 1)
     __syncthreads();  // this chunk's tiles are in; every thread is done with the last chunk
     stage_BC(token0);
     __syncthreads();
-    if (chunk_index + 1 < nchunks) issue_loads(chunk_index + 1, (chunk_index + 1) & 1);
+    if (chunk_index + 1 < chunk_end) issue_loads(chunk_index + 1, (chunk_index + 1) & 1);
     if (p.checkpoints != nullptr)
       store_thread_states(h, p.checkpoints, checkpoint_offset(p, pos, nchunks, chunk_index), 1,
                           p, pos);
 
     input_t* row_u = tile_u + c * kPitch;
-    const int chunk_tokens = static_cast<int>(p.seqlen - token0 < kChunk ? p.seqlen - token0 : kChunk);
+    const int chunk_tokens = static_cast<int>(token_end - token0 < kChunk ? token_end - token0 : kChunk);
     // A lane pair shares each channel (8 states each): each lane computes dt for every other
     // token and finishes every other output; a shuffle hands over the rest.
     const bool odd = pos.lane_slice != 0;
@@ -318,23 +336,33 @@ __global__ void __launch_bounds__(512, 1)
             if (per_sequence && prev_id >= 0) store_state(p.last_state, prev_id);  // not padding
             load_start_state(h, p, pos, id, token0 + t);
             prev_id = id;
+            dt_sum = 0;
+            restarted = true;
           }
           live[j] = id != kPadding;
         }
         const acc_t dt_j = live[j] ? dt[j] : acc_t(0);
         const acc_t dtu = dt_j * to_acc(u_v.v[j]);
-        acc_t B[kFwdStates], C[kFwdStates];
+        dt_sum += dt_j;
+        acc_t B[kFwdStates];
         load_smem_states(B, B_base + t * B_token_stride);
-        load_smem_states(C, C_base + t * C_token_stride);
-        // Partial sums: one chain of dependent FMAs a token would stall the warp.
-        acc_t y_part[4] = {0, 0, 0, 0};
+        if (has_out) {
+          acc_t C[kFwdStates];
+          load_smem_states(C, C_base + t * C_token_stride);
+          // Partial sums: one chain of dependent FMAs a token would stall the warp.
+          acc_t y_part[4] = {0, 0, 0, 0};
 #pragma unroll
-        for (int i = 0; i < kFwdStates; ++i) {
-          h[i] = exp2_approx(dt_j * A2[i]) * h[i] + dtu * B[i];
-          y_part[i % 4] += h[i] * C[i];
+          for (int i = 0; i < kFwdStates; ++i) {
+            h[i] = exp2_approx(dt_j * A2[i]) * h[i] + dtu * B[i];
+            y_part[i % 4] += h[i] * C[i];
+          }
+          y[j] = (y_part[0] + y_part[1]) + (y_part[2] + y_part[3]);
+          y[j] += __shfl_xor_sync(0xffffffffu, y[j], 1);
+        } else {
+#pragma unroll
+          for (int i = 0; i < kFwdStates; ++i) h[i] = exp2_approx(dt_j * A2[i]) * h[i] + dtu * B[i];
+          y[j] = 0;
         }
-        y[j] = (y_part[0] + y_part[1]) + (y_part[2] + y_part[3]);
-        y[j] += __shfl_xor_sync(0xffffffffu, y[j], 1);
       }
       if (g.slices == 1) {
         Vec16<input_t> out_v;
@@ -368,7 +396,7 @@ __global__ void __launch_bounds__(512, 1)
                                   : acc_t(0)) *
              u;
         if (z_rows != nullptr) y *= silu_fast(to_acc(tile_z[ce * kPitch + t]));
-        if (seq_row != nullptr && token0 + t < p.seqlen && s_seq[t] == kPadding) y = 0;
+        if (seq_row != nullptr && token0 + t < token_end && s_seq[t] == kPadding) y = 0;
         tile_u[ce * kPitch + t] = from_acc<input_t>(y);
       }
     }
@@ -382,25 +410,59 @@ __global__ void __launch_bounds__(512, 1)
         const int64_t token = token0 + v * kPerVec;
         const input_t* src = tile_u + r * kPitch + v * kPerVec;
         input_t* dst = out_rows + r * p.out_dim_stride + token;
-        if (token + kPerVec <= p.seqlen) {
+        if (token + kPerVec <= token_end) {
           *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
         } else {
-          for (int j = 0; token + j < p.seqlen; ++j) dst[j] = src[j];
+          for (int j = 0; token + j < token_end; ++j) dst[j] = src[j];
         }
       }
     } else {
       for (int e = threadIdx.x; e < valid_channels * kChunk; e += blockDim.x) {
         const int r = e / kChunk, t = e % kChunk;
-        if (token0 + t < p.seqlen)
+        if (token0 + t < token_end)
           out_rows[r * p.out_dim_stride + (token0 + t) * p.out_seqlen_stride] =
               tile_u[r * kPitch + t];
       }
     }
   }
+  if (p.segment_pass == 1) {
+    store_thread_states(h, p.segment_states, segment_row * p.dstate, 1, p, pos);
+    if (pos.slice == 0 && pos.lane_slice == 0 && channel_valid)
+      static_cast<acc_t*>(p.segment_dt)[segment_row] =
+          restarted ? acc_t(NAN) : dt_sum;  // NAN: the segment's start does not reach its end
+    return;
+  }
+  if (segment + 1 < p.segments) return;  // the sequence goes on in the next segment
   if (!per_sequence)
     store_state(p.last_state, pos.batch);
   else if (prev_id >= 0)
     store_state(p.last_state, prev_id);
+}
+
+// Length parallelism: from pass 1's segment end states (segment 0 from the true start, later
+// ones from zero) and dt sums, each segment's true start state, in place. A thread per (batch,
+// channel, state): start(s + 1) = exp(A dt_sum(s)) start(s) + end(s), or end(s) where a
+// sequence started in segment s.
+template <typename acc_t>
+__global__ void __launch_bounds__(256)
+    selective_scan_combine_segments_kernel(const SelectiveScanFwdParams p) {
+  const int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (index >= p.batch * p.dim * p.dstate) return;
+  const int64_t n = index % p.dstate, channel = index / p.dstate % p.dim,
+                batch = index / (p.dstate * p.dim);
+  const acc_t A = static_cast<const acc_t*>(p.A)[channel * p.A_dim_stride + n * p.A_dstate_stride];
+  acc_t* states = static_cast<acc_t*>(p.segment_states);
+  const acc_t* dt_sums = static_cast<const acc_t*>(p.segment_dt);
+  const int64_t row0 = batch * p.segments * p.dim + channel;
+  acc_t h = states[row0 * p.dstate + n];  // segment 0's end
+  for (int64_t s = 1; s < p.segments; ++s) {
+    const int64_t row = row0 + s * p.dim;
+    const acc_t end = states[row * p.dstate + n];
+    states[row * p.dstate + n] = h;
+    if (s + 1 == p.segments) break;  // the last segment's end is not needed (nor computed)
+    const acc_t dt_sum = dt_sums[row];
+    h = isnan(dt_sum) ? end : exp(A * dt_sum) * h + end;
+  }
 }
 
 inline bool vector_aligned(const void* ptr, std::initializer_list<int64_t> outer_strides,
@@ -414,7 +476,8 @@ inline bool vector_aligned(const void* ptr, std::initializer_list<int64_t> outer
 
 template <typename input_t>
 cudaError_t launch_selective_scan_fwd(const SelectiveScanFwdParams& p,
-                                      const SelectiveScanCudaGeometry& g, cudaStream_t stream) {
+                                      const SelectiveScanCudaGeometry& g, int64_t segments,
+                                      cudaStream_t stream) {
   constexpr int kPerVec = Vec16<input_t>::kSize;
   FwdTiles<input_t> tiles{g.channels_per_block(), g.slices * g.states_per_thread, g.slices, true};
   if (!(p.is_variable_B || p.is_variable_C) || tiles.total() > 200 * 1024) tiles.async_BC = false;
@@ -437,7 +500,7 @@ cudaError_t launch_selective_scan_fwd(const SelectiveScanFwdParams& p,
   cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (error != cudaSuccess) return error;
-  const dim3 grid(g.channel_blocks_per_group * p.ngroups, p.batch, 1);
+  const dim3 grid(g.channel_blocks_per_group * p.ngroups, p.batch, segments);
   kernel<<<grid, g.threads(), smem, stream>>>(p, g, tiles, vec);
   return cudaGetLastError();
 }
@@ -445,9 +508,20 @@ cudaError_t launch_selective_scan_fwd(const SelectiveScanFwdParams& p,
 // The forward with its geometry; the backward's checkpoint pass calls it too (out == null).
 template <typename input_t>
 cudaError_t run_selective_scan_fwd(const SelectiveScanFwdParams& p, cudaStream_t stream) {
-  const SelectiveScanCudaGeometry g =
-      selective_scan_fwd_cuda_geometry(p, sizeof(acc_type<input_t>) == 8);
-  return launch_selective_scan_fwd<input_t>(p, g, stream);
+  using acc_t = acc_type<input_t>;
+  const SelectiveScanCudaGeometry g = selective_scan_fwd_cuda_geometry(p, sizeof(acc_t) == 8);
+  if (p.segments <= 1) return launch_selective_scan_fwd<input_t>(p, g, 1, stream);
+  SelectiveScanFwdParams pass = p;
+  pass.segment_pass = 1;
+  pass.out = pass.last_state = pass.checkpoints = nullptr;
+  cudaError_t error = launch_selective_scan_fwd<input_t>(pass, g, p.segments - 1, stream);
+  if (error != cudaSuccess) return error;
+  const int64_t threads = p.batch * p.dim * p.dstate;
+  selective_scan_combine_segments_kernel<acc_t><<<(threads + 255) / 256, 256, 0, stream>>>(p);
+  if ((error = cudaGetLastError()) != cudaSuccess) return error;
+  pass = p;
+  pass.segment_pass = 2;
+  return launch_selective_scan_fwd<input_t>(pass, g, p.segments, stream);
 }
 
 }  // namespace scan_cuda

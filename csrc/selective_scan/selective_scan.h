@@ -181,15 +181,17 @@ inline SelectiveScanCudaGeometry selective_scan_fwd_cuda_geometry(const Selectiv
   return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision, 16, 16, 4,
                                       2);
 }
-// Segment length of the forward's length parallelism (0: none): enough segments that the
-// launch has about 16 warps an SM of 132, each of at least 4 chunks.
+// Segment length of the forward's length parallelism (0: none). The passes cost about twice
+// the work, so only a launch below half of 16 warps an SM (of 132) is cut, into enough
+// segments to reach it, each of at least 4 chunks.
 inline int64_t selective_scan_fwd_cuda_segment_len(const SelectiveScanFwdParams& p,
                                                    bool double_precision) {
   const SelectiveScanCudaGeometry g = selective_scan_fwd_cuda_geometry(p, double_precision);
   const int64_t warps = p.batch * p.ngroups * g.channel_blocks_per_group * g.threads() / 32;
   const int64_t target_warps = 132 * 16, nchunks = g.chunks(p.seqlen);
+  if (warps == 0 || 2 * warps >= target_warps) return 0;
   const int64_t segments = std::min<int64_t>((target_warps + warps - 1) / warps, nchunks / 4);
-  if (warps == 0 || segments < 2) return 0;
+  if (segments < 2) return 0;
   return (nchunks + segments - 1) / segments * g.chunk;
 }
 constexpr int kScanBwdStatesPerThread = 4;

@@ -13,13 +13,15 @@
 //                       tiles arrive by cp.async while this one is computed. The output
 //                       overwrites u in place and leaves in 16-byte coalesced stores;
 //   seq_idx             [kChunk] int32, with the tiles;
-//   variable B and C    [kChunk][states] in acc_type (a thread reads its 16 states of a token
-//                       as 4 broadcast 16-byte reads), converted from raw [states][kChunk]
+//   variable B and C    [kChunk][states] in acc_type (a thread reads its 8 states of a token
+//                       as 2 broadcast 16-byte reads), converted from raw [states][kChunk]
 //                       tiles that arrive by cp.async, or read directly from global memory
 //                       when the raw tiles would not fit (dstate > 128 in 32-bit types);
 //                       a constant B or C sits there as [channels][states + 16 bytes] for the
 //                       whole kernel (registers would spill);
 //   y partials          [slices][kChunk][channels] when there are several state slices.
+// Few channels (batch x dim): the sequence is cut into segments run in two passes
+// (selective_scan.h, segment_len).
 #pragma once
 
 #include "common/cuda_async_copy.cuh"
@@ -29,7 +31,6 @@ namespace mamba_ext {
 namespace scan_cuda {
 
 constexpr int kFwdStates = 8;  // states a thread keeps: half of a 16-state slice
-constexpr int kFwdWarps = 4;    // warps of channels a block, for dstate <= 16
 
 // Which streams move by 16-byte vectors (token stride 1, 16-byte aligned rows); the others go
 // element by element, synchronously.
@@ -306,7 +307,8 @@ __global__ void __launch_bounds__(512, 1)
                           p, pos);
 
     input_t* row_u = tile_u + c * kPitch;
-    const int chunk_tokens = static_cast<int>(token_end - token0 < kChunk ? token_end - token0 : kChunk);
+    const int chunk_tokens =
+        static_cast<int>(token_end - token0 < kChunk ? token_end - token0 : kChunk);
     // A lane pair shares each channel (8 states each): each lane computes dt for every other
     // token and finishes every other output; a shuffle hands over the rest.
     const bool odd = pos.lane_slice != 0;
@@ -379,7 +381,8 @@ __global__ void __launch_bounds__(512, 1)
           *reinterpret_cast<uint4*>(row_u + v * kPerVec) = *reinterpret_cast<const uint4*>(out_v.v);
       } else if (!odd) {
 #pragma unroll
-        for (int j = 0; j < kPerVec; ++j) s_y[(pos.slice * kChunk + v * kPerVec + j) * channels + c] = y[j];
+        for (int j = 0; j < kPerVec; ++j)
+          s_y[(pos.slice * kChunk + v * kPerVec + j) * channels + c] = y[j];
       }
     }
     if (!has_out) continue;
@@ -390,7 +393,8 @@ __global__ void __launch_bounds__(512, 1)
       for (int e = threadIdx.x; e < channels * kChunk; e += blockDim.x) {
         const int ce = e % channels, t = e / channels;
         acc_t y = 0;
-        for (int slice = 0; slice < g.slices; ++slice) y += s_y[(slice * kChunk + t) * channels + ce];
+        for (int slice = 0; slice < g.slices; ++slice)
+          y += s_y[(slice * kChunk + t) * channels + ce];
         const acc_t u = to_acc(tile_u[ce * kPitch + t]);
         y += (ce < valid_channels ? channel_weight<acc_t>(p.D, p.D_stride, pos.channel0 + ce)
                                   : acc_t(0)) *

@@ -646,6 +646,32 @@ def test_varlen_backward_matches_reference(case, per_sequence, padding, dtype, d
         assert_close(grad, ref_grad, dtype if grad.dtype == dtype else torch.float32, f"d{name}")
 
 
+# Few channels and a long sequence: the CUDA forward cuts the sequence into segments run in two
+# passes (selective_scan.h, segment_len), so states must cross segment boundaries, or restart
+# inside a segment (packed batches). The CPU kernel runs them whole.
+LENGTH_PARALLEL_CASES = [
+    Case(batch=1, dim=8, dstate=16, seqlen=3001, initial_state=True),
+    Case(batch=2, dim=20, ngroups=2, dstate=40, seqlen=2048, B="constant", C="variable3d",
+         initial_state=True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packing", ["none", "per_row", "per_sequence"])
+@pytest.mark.parametrize("case", LENGTH_PARALLEL_CASES, ids=str)
+def test_long_sequences_of_few_channels_match_reference(case, packing, device):
+    needs_kernel(device)
+    if packing == "none":
+        inputs, seq_idx, num_sequences = make_inputs(case, device), None, 0
+    else:
+        inputs, seq_idx, num_sequences = make_varlen_inputs(case, packing == "per_sequence",
+                                                            True, device)
+    out, last_state = run_varlen_op(inputs, case, seq_idx, num_sequences)
+    out_ref, last_ref = run_varlen_reference(as_reference(inputs), case, seq_idx, num_sequences)
+    assert_close(out, out_ref, torch.float32, "out")
+    assert_close(last_state, last_ref, torch.float32, "last_state")
+
+
 def _time_slice(inputs, begin, end):
     """The inputs of tokens [begin, end) of a batch-1 packed input."""
     return {k: v[..., begin:end] if k in ("u", "delta", "z") or

@@ -1,5 +1,5 @@
 """One forward and one backward of the selective scan at b8 d4096 l4096 n16 bf16, for Nsight
-Compute (scripts/device_profile.sh): python benchmarks/profile/profile_selective_scan.py"""
+Compute (scripts/device_profile_scan.sh): python benchmarks/profile/profile_selective_scan.py"""
 import os
 import sys
 

@@ -1,6 +1,6 @@
-"""Forward times of the selective scan at the four anchors.md shapes (bf16), one line each: a
-quick A/B of kernel variants built with different flags (the full table is
-bench_selective_scan.py's): python benchmarks/profile/time_selective_scan_fwd.py [label]"""
+"""Forward times of the selective scan at the four anchors.md shapes (bf16), one line each, for a
+quick look after a change (the full table is bench_selective_scan.py's):
+python benchmarks/profile/time_selective_scan_fwd.py [label]"""
 import os
 import sys
 

@@ -2,11 +2,14 @@
 // problem, the per-chunk loads of dt and the variable B / C, and vector shared-memory reads.
 //
 // Block layout (selective_scan.h, SelectiveScanCudaGeometry):
-//   threads = 32 lanes x channel_warps x slices; channel in block = lane + 32 * channel_warp;
-//   the thread keeps kStates consecutive states (slice * kStates ..) of that channel.
-// Shared memory per chunk of kChunk tokens, token-major with rows padded by one so that a warp
-// (32 channels, one token) reads 32 banks and a warp loading one channel's 32 tokens writes 32:
-//   dt[kChunk][channels + 1], dtu = dt * u likewise; B and C [kChunk][padded states].
+//   threads = 32 lanes x channel_warps x slices; a warp holds 32 / lanes_per_channel channels,
+//   channel in block = lane / lanes_per_channel + channels_per_warp * channel_warp; the thread
+//   keeps consecutive states of that channel from state0 (its slice, and its half of it when
+//   two lanes share the slice).
+// The backward's shared memory per chunk of kChunk tokens, token-major with rows padded by one
+// so that a warp (32 channels, one token) reads 32 banks and a warp loading one channel's 32
+// tokens writes 32: dt[kChunk][channels + 1], dtu = dt * u likewise; B and C [kChunk][padded
+// states]. The forward stages its own tiles (selective_scan_fwd_kernel.cuh).
 #pragma once
 
 #include <cuda_runtime.h>

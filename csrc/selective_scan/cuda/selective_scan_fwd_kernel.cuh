@@ -136,6 +136,100 @@ __device__ __forceinline__ void load_tile(input_t* tile, const input_t* base, in
   }
 }
 
+// Variable B and C of a chunk in shared memory as acc_t [token][state] (a thread reads its 8
+// states of a token as 2 broadcast 16-byte reads): raw [state][token] tiles arrive by cp.async
+// (`async`) and are converted, or are read from global memory when they would not fit. A
+// constant B or C sits in the same place as [channel][const_stride] for the whole kernel.
+// Shared by the forward and the backward kernels.
+template <typename input_t> struct StateInputStage {
+  using acc_t = acc_type<input_t>;
+  static constexpr int kChunk = FwdTiles<input_t>::kChunk;
+  static constexpr int kPitch = FwdTiles<input_t>::kPitchElements;
+  input_t *raw_B, *raw_C;
+  acc_t *s_B, *s_C;
+  const input_t *B_rows, *C_rows;  // the block's batch, group and first state
+  int states, valid_states, const_stride;
+  bool async;
+
+  __device__ StateInputStage(unsigned char* raw, unsigned char* staged, int BC_elements,
+                             const SelectiveScanFwdParams& p, const BlockPosition& pos,
+                             int const_stride_, bool async_)
+      : raw_B(reinterpret_cast<input_t*>(raw)),
+        raw_C(reinterpret_cast<input_t*>(raw) + pos.padded_states * kPitch),
+        s_B(reinterpret_cast<acc_t*>(staged)),
+        s_C(reinterpret_cast<acc_t*>(staged) + BC_elements),
+        B_rows(static_cast<const input_t*>(p.B) + pos.batch * p.B_batch_stride +
+               pos.group * p.B_group_stride + pos.block_state0 * p.B_dstate_stride),
+        C_rows(static_cast<const input_t*>(p.C) + pos.batch * p.C_batch_stride +
+               pos.group * p.C_group_stride + pos.block_state0 * p.C_dstate_stride),
+        states(pos.padded_states),
+        valid_states(static_cast<int>(p.dstate - pos.block_state0 < pos.padded_states
+                                          ? p.dstate - pos.block_state0
+                                          : pos.padded_states)),
+        const_stride(const_stride_),
+        async(async_) {}
+
+  // The raw tiles of the chunk at token0 (async only; the caller commits).
+  __device__ void issue(const SelectiveScanFwdParams& p, int64_t token0, int64_t token_end,
+                        bool vec_B, bool vec_C) const {
+    if (!async) return;
+    if (p.is_variable_B)
+      load_tile(raw_B, B_rows, p.B_dstate_stride, p.B_seqlen_stride, states, valid_states, token0,
+                token_end, vec_B);
+    if (p.is_variable_C)
+      load_tile(raw_C, C_rows, p.C_dstate_stride, p.C_seqlen_stride, states, valid_states, token0,
+                token_end, vec_C);
+  }
+
+  // s_B[t][n], s_C[t][n] of the chunk at token0, once its raw tiles are in.
+  __device__ void stage(const SelectiveScanFwdParams& p, int64_t token0,
+                        int64_t token_end) const {
+    // e = t * states + n, stepped without a division a step.
+    const int step_t = blockDim.x / states, step_n = blockDim.x % states;
+    int n = threadIdx.x % states, t = threadIdx.x / states;
+    for (int e = threadIdx.x; e < states * kChunk;
+         e += blockDim.x, t += step_t + (n + step_n >= states),
+             n += n + step_n >= states ? step_n - states : step_n) {
+      const bool valid = n < valid_states && token0 + t < token_end;
+      if (p.is_variable_B)
+        s_B[e] = async ? to_acc(raw_B[n * kPitch + t])
+                 : valid ? to_acc(B_rows[n * p.B_dstate_stride + (token0 + t) * p.B_seqlen_stride])
+                         : acc_t(0);
+      if (p.is_variable_C)
+        s_C[e] = async ? to_acc(raw_C[n * kPitch + t])
+                 : valid ? to_acc(C_rows[n * p.C_dstate_stride + (token0 + t) * p.C_seqlen_stride])
+                         : acc_t(0);
+    }
+  }
+
+  // A constant B or C: s[channel][state], once.
+  __device__ void stage_constants(const SelectiveScanFwdParams& p, const BlockPosition& pos,
+                                  int channels, int valid_channels) const {
+    for (int which = 0; which < 2; ++which) {
+      if (which == 0 ? p.is_variable_B : p.is_variable_C) continue;
+      acc_t* s = which == 0 ? s_B : s_C;
+      const acc_t* w = static_cast<const acc_t*>(which == 0 ? p.B : p.C);
+      const int64_t dim_stride = which == 0 ? p.B_dim_stride : p.C_dim_stride;
+      const int64_t dstate_stride = which == 0 ? p.B_dstate_stride : p.C_dstate_stride;
+      for (int e = threadIdx.x; e < channels * states; e += blockDim.x) {
+        const int ce = e / states, n = e % states;
+        s[ce * const_stride + n] = ce < valid_channels && n < valid_states
+                                       ? w[(pos.channel0 + ce) * dim_stride +
+                                           (pos.block_state0 + n) * dstate_stride]
+                                       : acc_t(0);
+      }
+    }
+  }
+
+  // This thread's states of B (C) at token t: base[t * token_stride].
+  __device__ const acc_t* B_base(const SelectiveScanFwdParams& p, int c, int state_offset) const {
+    return p.is_variable_B ? s_B + state_offset : s_B + c * const_stride + state_offset;
+  }
+  __device__ const acc_t* C_base(const SelectiveScanFwdParams& p, int c, int state_offset) const {
+    return p.is_variable_C ? s_C + state_offset : s_C + c * const_stride + state_offset;
+  }
+};
+
 // At most 128 registers: 4 blocks of 128 threads an SM at dstate <= 16, 16 warps of 512 at 256.
 // kPacked: seq_idx given; the sequence checks stay out of the token loop of plain batches.
 template <typename input_t, bool kPacked>
@@ -153,8 +247,6 @@ __global__ void __launch_bounds__(512, 1)
   const int64_t channel = pos.channel0 + c;
   const int valid_channels = static_cast<int>(
       pos.group_end - pos.channel0 < channels ? pos.group_end - pos.channel0 : channels);
-  const int64_t states_left = p.dstate - pos.block_state0;
-  const int valid_states = static_cast<int>(states_left < states ? states_left : states);
   const bool has_out = p.out != nullptr, per_sequence = p.num_sequences > 0;
   // The block's tokens: its segment of the sequence (all of it without length parallelism).
   const int64_t segment = blockIdx.z, token_begin = segment * p.segment_len;
@@ -171,17 +263,12 @@ __global__ void __launch_bounds__(512, 1)
                                          : static_cast<const input_t*>(p.z) +
                                                pos.batch * p.z_batch_stride +
                                                pos.channel0 * p.z_dim_stride;
-  const input_t* B_rows = static_cast<const input_t*>(p.B) + pos.batch * p.B_batch_stride +
-                          pos.group * p.B_group_stride + pos.block_state0 * p.B_dstate_stride;
-  const input_t* C_rows = static_cast<const input_t*>(p.C) + pos.batch * p.C_batch_stride +
-                          pos.group * p.C_group_stride + pos.block_state0 * p.C_dstate_stride;
   const int32_t* seq_row =
       p.seq_idx == nullptr ? nullptr : p.seq_idx + pos.batch * p.seq_idx_batch_stride;
 
-  input_t* raw_B = reinterpret_cast<input_t*>(smem + tiles.raw_BC());
-  input_t* raw_C = raw_B + states * kPitch;
-  acc_t* s_B = reinterpret_cast<acc_t*>(smem + tiles.BC_acc());  // [kChunk][states]
-  acc_t* s_C = s_B + tiles.BC_elements();
+  const StateInputStage<input_t> BC(smem + tiles.raw_BC(), smem + tiles.BC_acc(),
+                                    tiles.BC_elements(), p, pos, tiles.const_stride(),
+                                    tiles.async_BC);
   acc_t* s_y = reinterpret_cast<acc_t*>(smem + tiles.y_partials());  // [slices][kChunk][channels]
 
   // The next chunk's copies into stage `s` (and the raw B / C tiles).
@@ -206,56 +293,14 @@ __global__ void __launch_bounds__(512, 1)
                    valid ? 4 : 0);
       }
     }
-    if (tiles.async_BC) {
-      if (p.is_variable_B)
-        load_tile(raw_B, B_rows, p.B_dstate_stride, p.B_seqlen_stride, states, valid_states,
-                  token0, token_end, vec.B);
-      if (p.is_variable_C)
-        load_tile(raw_C, C_rows, p.C_dstate_stride, p.C_seqlen_stride, states, valid_states,
-                  token0, token_end, vec.C);
-    }
+    BC.issue(p, token0, token_end, vec.B, vec.C);
     cp_async_commit();
   };
 
-  // s_B[t][n], s_C[t][n] in acc_t for the chunk at token0.
-  auto stage_BC = [&](int64_t token0) {
-    // e = t * states + n, stepped without a division a step.
-    const int step_t = blockDim.x / states, step_n = blockDim.x % states;
-    int n = threadIdx.x % states, t = threadIdx.x / states;
-    for (int e = threadIdx.x; e < states * kChunk;
-         e += blockDim.x, t += step_t + (n + step_n >= states),
-             n += n + step_n >= states ? step_n - states : step_n) {
-      const bool valid = n < valid_states && token0 + t < token_end;
-      if (p.is_variable_B)
-        s_B[e] = tiles.async_BC ? to_acc(raw_B[n * kPitch + t])
-                 : valid ? to_acc(B_rows[n * p.B_dstate_stride + (token0 + t) * p.B_seqlen_stride])
-                         : acc_t(0);
-      if (p.is_variable_C)
-        s_C[e] = tiles.async_BC ? to_acc(raw_C[n * kPitch + t])
-                 : valid ? to_acc(C_rows[n * p.C_dstate_stride + (token0 + t) * p.C_seqlen_stride])
-                         : acc_t(0);
-    }
-  };
-
-  // A constant B or C: s[channel][state], read by each thread at every token.
-  auto stage_constant = [&](acc_t* s, const void* ptr, int64_t dim_stride, int64_t dstate_stride) {
-    for (int e = threadIdx.x; e < channels * states; e += blockDim.x) {
-      const int ce = e / states, n = e % states;
-      s[ce * tiles.const_stride() + n] =
-          ce < valid_channels && n < valid_states
-              ? static_cast<const acc_t*>(ptr)[(pos.channel0 + ce) * dim_stride +
-                                               (pos.block_state0 + n) * dstate_stride]
-              : acc_t(0);
-    }
-  };
-  if (!p.is_variable_B) stage_constant(s_B, p.B, p.B_dim_stride, p.B_dstate_stride);
-  if (!p.is_variable_C) stage_constant(s_C, p.C, p.C_dim_stride, p.C_dstate_stride);
-  // This thread's 16 states of B and C at token t: B_base[t * B_token_stride], likewise C.
+  BC.stage_constants(p, pos, channels, valid_channels);
   const int state_offset = static_cast<int>(pos.state0 - pos.block_state0);
-  const acc_t* B_base = p.is_variable_B ? s_B + state_offset
-                                        : s_B + c * tiles.const_stride() + state_offset;
-  const acc_t* C_base = p.is_variable_C ? s_C + state_offset
-                                        : s_C + c * tiles.const_stride() + state_offset;
+  const acc_t* B_base = BC.B_base(p, c, state_offset);
+  const acc_t* C_base = BC.C_base(p, c, state_offset);
   const int B_token_stride = p.is_variable_B ? states : 0;
   const int C_token_stride = p.is_variable_C ? states : 0;
 
@@ -299,7 +344,7 @@ __global__ void __launch_bounds__(512, 1)
     const int32_t* s_seq = reinterpret_cast<const int32_t*>(stage + 3 * tiles.tile_bytes());
     cp_async_wait_all();
     __syncthreads();  // this chunk's tiles are in; every thread is done with the last chunk
-    stage_BC(token0);
+    BC.stage(p, token0, token_end);
     __syncthreads();
     if (chunk_index + 1 < chunk_end) issue_loads(chunk_index + 1, (chunk_index + 1) & 1);
     if (p.checkpoints != nullptr)

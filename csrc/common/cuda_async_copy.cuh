@@ -25,6 +25,12 @@ __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, int src
                "l"(gmem), "r"(src_bytes));
 }
 
+// Copies 8 bytes, zero when src_bytes is 0 (any 8-byte aligned element).
+__device__ __forceinline__ void cp_async_8(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(shared_address(smem)),
+               "l"(gmem), "r"(src_bytes));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Waits for this thread's copies; a __syncthreads() then makes every thread's visible.

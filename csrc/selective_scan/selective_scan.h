@@ -174,8 +174,9 @@ inline SelectiveScanCudaGeometry selective_scan_cuda_geometry(int64_t dim, int64
 
 // The forward's slices hold 16 states, 8 in each of two neighbouring lanes (16 channels a
 // warp: twice the warps of one lane a channel, for latency hiding); all slices in one block (up
-// to 16 warps), 4 warps of channels at dstate <= 16. The backward keeps 4 states a thread (it
-// holds 8 tokens of their history in registers), with at most 8 slices (256 threads) a block.
+// to 16 warps), 4 warps of channels at dstate <= 16. The backward has the same slices and lane
+// pairs with at most 4 slices and 2 warps of channels a block (its shared memory holds a
+// chunk's sub-chunk states and transposes), more slices in more blocks.
 inline SelectiveScanCudaGeometry selective_scan_fwd_cuda_geometry(const SelectiveScanFwdParams& p,
                                                                   bool double_precision) {
   return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision, 16, 16, 4,
@@ -194,11 +195,9 @@ inline int64_t selective_scan_fwd_cuda_segment_len(const SelectiveScanFwdParams&
   if (segments < 2) return 0;
   return (nchunks + segments - 1) / segments * g.chunk;
 }
-constexpr int kScanBwdStatesPerThread = 4;
 inline SelectiveScanCudaGeometry selective_scan_bwd_cuda_geometry(const SelectiveScanFwdParams& p,
                                                                   bool double_precision) {
-  return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision,
-                                      kScanBwdStatesPerThread, 8, 8);
+  return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision, 16, 4, 2, 2);
 }
 
 // CPU kernels, instantiated for float, double, c10::Half and c10::BFloat16.

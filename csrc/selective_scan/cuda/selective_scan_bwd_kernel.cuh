@@ -1,171 +1,221 @@
-// Backward of the selective scan on CUDA.
+// Backward of the selective scan on CUDA, in the forward's layout: a lane pair owns a channel's
+// slice of 16 states (8 a lane); up to kScanBwdMaxSlices slices sit in separate warps of a block,
+// more in separate blocks (grid z).
 //
 // 1. The forward kernel runs again with out == null and writes the state before every chunk
 //    (checkpoints, acc_type (batch, dim, nchunks, dstate)).
-// 2. selective_scan_bwd_kernel walks the chunks from last to first. Per chunk it replays the
-//    forward from the checkpoint, keeping the state before each sub-chunk of kSub tokens; per
-//    sub-chunk (last first) it replays kSub tokens keeping every state in registers, then runs
-//    the adjoint recurrence backwards over them:
+// 2. selective_scan_bwd_kernel walks the chunks from last to first; a chunk's tiles (u, delta,
+//    z, dout, seq_idx, the block's checkpoint rows, variable B / C) arrive by cp.async while the
+//    chunk after it is computed. Pass A replays the chunk from its checkpoint and keeps the state
+//    before every kBwdSub-th token in shared memory. Pass B takes the sub-chunks last first: it
+//    replays kBwdSub tokens keeping their states in registers, then runs the adjoint over them:
 //      dh_t   = dh_{t+1} a_{t+1} + gy_t C_t          gy = dout * silu(z)      a_t = exp(dt_t A)
 //      r      = dh_t (h_t - dt_t u_t B_t) = dh_t a_t h_{t-1}
 //      dA    += dt_t r      ddt_t = sum_n A r + u_t sum_n dh_t B_t      du_t = dt_t sum_n dh_t B_t
 //      dB_t  += dh_t dt_t u_t (summed over channels)   dC_t += gy_t h_t (likewise)
-//    Sums over a channel's states (ddt, du) go through shared memory by state slice; sums over
-//    channels (variable dB, dC) through a per-warp transpose in shared memory, then over the
-//    block's channel warps, then over blocks into scratch (selective_scan.h).
+//    Sums over a channel's states: a shuffle in the lane pair, then the slices' partials in
+//    shared memory, added per element at the chunk's end, where du, ddelta and dz are finished
+//    into the tiles and stored coalesced (or, with several slice blocks, handed to a finishing
+//    kernel). Sums over channels (variable dB, dC): every kBwdRound tokens a warp transposes its
+//    lanes' values through shared memory and a lane adds one (B or C, state) over the warp's 16
+//    channels; at the chunk's end the block adds its channel warps in order into scratch
+//    (atomics into one slot, or one slot per channel block when deterministic).
 // 3. Small kernels add the scratch's slots in a fixed order and write dB, dC, dA, dD,
-//    ddelta_bias in their dtypes and layouts (and, when the state slices spanned several blocks,
-//    finish du, ddelta and dz).
+//    ddelta_bias in their dtypes and layouts.
 #pragma once
 
+#include "selective_scan/cuda/selective_scan_bwd_sums.cuh"
 #include "selective_scan/cuda/selective_scan_fwd_kernel.cuh"
 
 namespace mamba_ext {
 namespace scan_cuda {
 
-constexpr int kBwdSub = 8;      // tokens whose states a thread keeps in registers
-constexpr int kBwdRound = 4;    // tokens per channel-sum round: 4 tokens x 4 states x {dB, dC}
-constexpr int kRedStride = 36;  // = 32 values, one per lane; rows padded, 16-byte aligned
-static_assert(kBwdRound * kScanBwdStatesPerThread * 2 == 32, "one value per lane a round");
+constexpr int kBwdStates = kFwdStates;  // states a lane keeps
+constexpr int kBwdSub = 4;              // tokens whose states a lane keeps in registers
+constexpr int kBwdRound = 2;            // tokens a dB / dC transpose round
 
-template <int kChunk, typename acc_t>
-__host__ __device__ inline int64_t bwd_smem_elements(const SelectiveScanCudaGeometry& g) {
-  const int64_t rows = kChunk * (g.channels_per_block() + 1);
-  const int64_t replay = g.slices * rows;  // y partials of each slice
-  const int64_t reverse = 2 * g.slices * kBwdSub * (g.channels_per_block() + 1) +
-                          g.threads() * kRedStride + 2 * g.slices * g.channel_warps * 32;
-  return 6 * rows + (replay > reverse ? replay : reverse) +
-         2 * kChunk * g.slices * g.states_per_thread + g.channels_per_block() * 2 + kChunk;
-}
-
-// du, ddelta and dz of one token from the sums over its channel's states, y_states =
-// sum_n h C, P1 = sum_n A r, P2 = sum_n dh B; adds the token's dD and ddelta_bias terms.
-template <typename input_t, typename acc_t>
-__device__ __forceinline__ void finish_token(const SelectiveScanBwdParams& p, int64_t batch,
-                                             int64_t channel, int64_t token, acc_t y_states,
-                                             acc_t P1, acc_t P2, acc_t& dD_sum,
-                                             acc_t& ddelta_bias_sum) {
-  const Activation<input_t> u(p.u, batch, p.u_batch_stride, p.u_dim_stride, p.u_seqlen_stride);
-  const Activation<input_t> delta(p.delta, batch, p.delta_batch_stride, p.delta_dim_stride,
-                                  p.delta_seqlen_stride);
-  const Activation<input_t> dout(p.dout, batch, p.dout_batch_stride, p.dout_dim_stride,
-                                 p.dout_seqlen_stride);
-  if (p.seq_idx != nullptr && sequence_of(p, batch, token) == kPadding) {
-    // Padding of a packed batch: its output was 0.
-    OutputActivation<input_t>(p.du, batch, p.du_batch_stride, p.du_dim_stride,
-                              p.du_seqlen_stride)
-        .store(channel, token, acc_t(0));
-    OutputActivation<input_t>(p.ddelta, batch, p.ddelta_batch_stride, p.ddelta_dim_stride,
-                              p.ddelta_seqlen_stride)
-        .store(channel, token, acc_t(0));
-    if (p.dz != nullptr)
-      OutputActivation<input_t>(p.dz, batch, p.dz_batch_stride, p.dz_dim_stride,
-                                p.dz_seqlen_stride)
-          .store(channel, token, acc_t(0));
-    return;
-  }
-  const acc_t u_t = u(channel, token), g_out = dout(channel, token);
-  const acc_t D = channel_weight<acc_t>(p.D, p.D_stride, channel);
-  const acc_t dt_raw =
-      delta(channel, token) + channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, channel);
-  const acc_t dt = p.delta_softplus ? softplus(dt_raw) : dt_raw;
-  acc_t gy = g_out;
-  if (p.z != nullptr) {
-    const Activation<input_t> z(p.z, batch, p.z_batch_stride, p.z_dim_stride, p.z_seqlen_stride);
-    const acc_t z_t = z(channel, token);
-    gy = g_out * silu(z_t);
-    const acc_t dz = g_out * (y_states + D * u_t) * silu_grad(z_t);
-    OutputActivation<input_t>(p.dz, batch, p.dz_batch_stride, p.dz_dim_stride,
-                              p.dz_seqlen_stride)
-        .store(channel, token, dz);
-  }
-  const acc_t ddt = P1 + u_t * P2;
-  const acc_t ddelta = p.delta_softplus ? ddt * sigmoid(dt_raw) : ddt;
-  OutputActivation<input_t>(p.du, batch, p.du_batch_stride, p.du_dim_stride, p.du_seqlen_stride)
-      .store(channel, token, dt * P2 + D * gy);
-  OutputActivation<input_t>(p.ddelta, batch, p.ddelta_batch_stride, p.ddelta_dim_stride,
-                            p.ddelta_seqlen_stride)
-      .store(channel, token, ddelta);
-  dD_sum += gy * u_t;
-  ddelta_bias_sum += ddelta;
-}
-
-// The sum over aligned groups of kWidth lanes (a power of two up to 32), in every lane.
-template <int kWidth, typename acc_t> __device__ __forceinline__ acc_t lane_group_sum(acc_t v) {
-#pragma unroll
-  for (int offset = kWidth / 2; offset > 0; offset /= 2)
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// Writes v to one slot of a sum: the slot's own place (deterministic) or added atomically
-// into the single slot (fast).
-template <typename acc_t>
-__device__ __forceinline__ void write_slot(acc_t* dst, acc_t v, bool deterministic) {
-  if (deterministic) {
-    *dst = v;
-  } else {
-    atomicAdd(dst, v);
-  }
-}
-
-// kPacked: seq_idx given; the sequence checks stay out of the loops of plain batches.
-template <typename input_t, bool kPacked>
-__global__ void __launch_bounds__(256)
-    selective_scan_bwd_kernel(const SelectiveScanBwdParams p, const SelectiveScanCudaGeometry g) {
+// The shared memory of a backward block, in bytes from its start.
+template <typename input_t> struct BwdTiles {
   using acc_t = acc_type<input_t>;
-  constexpr int kStates = kScanBwdStatesPerThread;
-  constexpr int kChunk = selective_scan_cuda_chunk(sizeof(acc_t) == 8);
-  constexpr int kSubs = kChunk / kBwdSub;
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  const BlockPosition pos = block_position(p, g, blockIdx.z);
-  const int cs = pos.channel_stride, c = pos.channel_in_block;
-  const int rows = kChunk * cs;
-  acc_t* s_dt = reinterpret_cast<acc_t*>(smem_bytes);  // [kChunk][cs] each
-  acc_t* s_dtu = s_dt + rows;
-  acc_t* s_gy = s_dtu + rows;
-  acc_t* s_ysum = s_gy + rows;                          // sums over the block's slices
-  acc_t* s_P1 = s_ysum + rows;
-  acc_t* s_P2 = s_P1 + rows;
-  acc_t* s_union = s_P2 + rows;
-  acc_t* s_ypart = s_union;                             // replay: [slices][kChunk][cs]
-  acc_t* s_Ppart = s_union;                             // reverse: [2][slices][kBwdSub][cs]
-  acc_t* s_red = s_Ppart + 2 * g.slices * kBwdSub * cs;  // [threads][kRedStride]
-  acc_t* s_bc = s_red + pos.threads * kRedStride;       // [rounds][slices][channel_warps][32]
-  const int64_t replay = g.slices * rows;
-  const int64_t reverse = (s_bc + 2 * g.slices * g.channel_warps * 32) - s_union;
-  acc_t* s_B = s_union + (replay > reverse ? replay : reverse);  // [kChunk][padded_states]
-  acc_t* s_C = s_B + kChunk * pos.padded_states;
-  acc_t* s_dD = s_C + kChunk * pos.padded_states;       // [channels]: dD, then ddelta_bias
-  acc_t* s_ddelta_bias = s_dD + pos.channels;
-  int* s_seq = reinterpret_cast<int*>(s_ddelta_bias + pos.channels);  // [kChunk]
+  static constexpr int kChunk = FwdTiles<input_t>::kChunk;
+  static constexpr int kPitch = FwdTiles<input_t>::kPitch;
+  static constexpr int kSubs = kChunk / kBwdSub;
+  static constexpr int kAcc = sizeof(acc_t);
+  // A lane's transpose row: kBwdRound tokens x {dB, dC} x 8 states, padded to an odd multiple of
+  // 16 bytes (8 lanes' 16-byte stores hit distinct banks).
+  static constexpr int kRedStride = kBwdRound * 2 * kBwdStates + 16 / kAcc;
+  int channels, states, slices, threads;
+  bool async_BC, constant_BC;
 
+  __host__ __device__ int tile_bytes() const { return channels * kPitch; }
+  __host__ __device__ int checkpoint_elements() const { return threads * kBwdStates; }
+  // u, delta, z, dout tiles, seq_idx, the threads' checkpoint states.
+  __host__ __device__ int stage_bytes() const {
+    return 4 * tile_bytes() + kChunk * 4 + checkpoint_elements() * kAcc;
+  }
+  __host__ __device__ int stage(int s) const { return s * stage_bytes(); }
+  __host__ __device__ int raw_BC() const { return 2 * stage_bytes(); }
+  __host__ __device__ int BC_acc() const { return raw_BC() + (async_BC ? 2 * states * kPitch : 0); }
+  __host__ __device__ int const_stride() const { return states + 16 / kAcc; }
+  __host__ __device__ int BC_elements() const {
+    return kChunk * states > channels * const_stride() ? kChunk * states
+                                                       : channels * const_stride();
+  }
+  // [kSubs][2 halves][threads] 16-byte vectors of states (conflict-free per lane).
+  __host__ __device__ int starts() const { return BC_acc() + 2 * BC_elements() * kAcc; }
+  __host__ __device__ int transpose() const {
+    return starts() + kSubs * checkpoint_elements() * kAcc;
+  }
+  // [warps][32][kChunk]: a lane's channel sums of its (B or C, state) per token of the chunk.
+  __host__ __device__ int lane_sums() const { return transpose() + threads * kRedStride * kAcc; }
+  // [threads][2][8]: a constant B's and C's gradients of the thread's states.
+  __host__ __device__ int constant_grads() const { return lane_sums() + threads * kChunk * kAcc; }
+  // [3][slices][kChunk][channels]: y, sum A r, sum dh B of each slice.
+  __host__ __device__ int partials() const {
+    return constant_grads() + (constant_BC ? threads * 2 * kBwdStates * kAcc : 0);
+  }
+  // [threads][2]: dD and ddelta_bias of the thread's finished elements.
+  __host__ __device__ int channel_sums() const {
+    return partials() + 3 * slices * kChunk * channels * kAcc;
+  }
+  __host__ __device__ int total() const { return channel_sums() + threads * 2 * kAcc; }
+};
+
+// Which streams move by 16-byte vectors (as FwdVectorized).
+struct BwdVectorized {
+  bool u, delta, z, dout, du, ddelta, dz, B, C;
+};
+
+// Four states, 16-byte aligned (two 16-byte accesses in double).
+template <typename acc_t> struct alignas(16) Acc4 {
+  acc_t v[4];
+};
+
+template <typename acc_t>
+__device__ __forceinline__ void cp_async_acc(acc_t* smem, const acc_t* gmem, bool valid) {
+  if constexpr (sizeof(acc_t) == 4) {
+    cp_async_4(smem, gmem, valid ? 4 : 0);
+  } else {
+    cp_async_8(smem, gmem, valid ? 8 : 0);
+  }
+}
+
+// At most 168 registers: 3 blocks an SM of up to 128 threads.
+template <typename input_t, bool kPacked>
+__global__ void __launch_bounds__(128, 3)
+    selective_scan_bwd_kernel(const SelectiveScanBwdParams p, const SelectiveScanCudaGeometry g,
+                              const BwdTiles<input_t> tiles, const BwdVectorized vec) {
+  using acc_t = acc_type<input_t>;
+  using Tiles = BwdTiles<input_t>;
+  constexpr int kChunk = Tiles::kChunk, kPitch = FwdTiles<input_t>::kPitchElements;
+  constexpr int kSubs = Tiles::kSubs, kRedStride = Tiles::kRedStride;
+  using State4 = Acc4<acc_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const BlockPosition pos = block_position(p, g, blockIdx.z);
+  const int c = pos.channel_in_block, channels = pos.channels;
   const int64_t channel = pos.channel0 + c;
-  const int state_offset = pos.slice * kStates;
-  const bool finish_here = g.slice_blocks == 1;
-  acc_t A2[kStates], B_const[kStates], C_const[kStates], dh[kStates];
-  acc_t dA[kStates] = {}, dB_const[kStates] = {}, dC_const[kStates] = {};
+  const int valid_channels = static_cast<int>(
+      pos.group_end - pos.channel0 < channels ? pos.group_end - pos.channel0 : channels);
+  const bool channel_valid = c < valid_channels;
+  const bool per_sequence = p.num_sequences > 0, odd = pos.lane_slice != 0;
+  const bool finish_here = g.slice_blocks == 1, has_z = p.z != nullptr;
+  const bool variable_BC = p.is_variable_B || p.is_variable_C;
+  const int warp = threadIdx.x / 32;
+
+  auto rows = [&](const void* ptr, int64_t batch_stride, int64_t dim_stride) {
+    return static_cast<const input_t*>(ptr) + pos.batch * batch_stride + pos.channel0 * dim_stride;
+  };
+  const input_t* u_rows = rows(p.u, p.u_batch_stride, p.u_dim_stride);
+  const input_t* delta_rows = rows(p.delta, p.delta_batch_stride, p.delta_dim_stride);
+  const input_t* z_rows = has_z ? rows(p.z, p.z_batch_stride, p.z_dim_stride) : nullptr;
+  const input_t* dout_rows = rows(p.dout, p.dout_batch_stride, p.dout_dim_stride);
+  const int32_t* seq_row =
+      p.seq_idx == nullptr ? nullptr : p.seq_idx + pos.batch * p.seq_idx_batch_stride;
+  const int64_t nchunks = g.chunks(p.seqlen);
+  // This thread's states in the checkpoint rows (batch, dim, nchunks, dstate).
+  const acc_t* checkpoint_row = static_cast<const acc_t*>(p.checkpoints) +
+                                (pos.batch * p.dim + channel) * nchunks * p.dstate + pos.state0;
+
+  const StateInputStage<input_t> BC(smem + tiles.raw_BC(), smem + tiles.BC_acc(),
+                                    tiles.BC_elements(), p, pos, tiles.const_stride(),
+                                    tiles.async_BC);
+  State4* s_starts = reinterpret_cast<State4*>(smem + tiles.starts());  // [kSubs][2][threads]
+  acc_t* s_row = reinterpret_cast<acc_t*>(smem + tiles.transpose()) + threadIdx.x * kRedStride;
+  acc_t* s_warp_rows = s_row - pos.lane * kRedStride;
+  acc_t* s_lane_sums = reinterpret_cast<acc_t*>(smem + tiles.lane_sums());  // [warps][32][kChunk]
+  acc_t* s_const = reinterpret_cast<acc_t*>(smem + tiles.constant_grads()) +
+                   threadIdx.x * 2 * kBwdStates;
+  acc_t* s_part = reinterpret_cast<acc_t*>(smem + tiles.partials());  // [3][slices][kChunk][ch]
+  acc_t* s_channel = reinterpret_cast<acc_t*>(smem + tiles.channel_sums());
+
+  // The tiles of chunk `chunk_index` into stage `s`.
+  auto issue_loads = [&](int64_t chunk_index, int s) {
+    const int64_t token0 = chunk_index * kChunk;
+    unsigned char* stage = smem + tiles.stage(s);
+    input_t* tile = reinterpret_cast<input_t*>(stage);
+    const input_t* sources[4] = {u_rows, delta_rows, z_rows, dout_rows};
+    const int64_t dim_strides[4] = {p.u_dim_stride, p.delta_dim_stride, p.z_dim_stride,
+                                    p.dout_dim_stride};
+    const int64_t seqlen_strides[4] = {p.u_seqlen_stride, p.delta_seqlen_stride,
+                                       p.z_seqlen_stride, p.dout_seqlen_stride};
+    const bool vectorized[4] = {vec.u, vec.delta, vec.z, vec.dout};
+    for (int which = 0; which < 4; ++which, tile += channels * kPitch)
+      if (sources[which] != nullptr)
+        load_tile(tile, sources[which], dim_strides[which], seqlen_strides[which], channels,
+                  valid_channels, token0, p.seqlen, vectorized[which]);
+    if (seq_row != nullptr) {
+      int32_t* s_seq = reinterpret_cast<int32_t*>(stage + 4 * tiles.tile_bytes());
+      for (int t = threadIdx.x; t < kChunk; t += blockDim.x) {
+        const bool valid = token0 + t < p.seqlen;
+        cp_async_4(s_seq + t, valid ? seq_row + (token0 + t) * p.seq_idx_seqlen_stride : seq_row,
+                   valid ? 4 : 0);
+      }
+    }
+    acc_t* s_checkpoint = reinterpret_cast<acc_t*>(stage + 4 * tiles.tile_bytes() + kChunk * 4) +
+                          threadIdx.x * kBwdStates;
+#pragma unroll
+    for (int i = 0; i < kBwdStates; ++i) {
+      const bool valid = channel_valid && pos.state0 + i < p.dstate;
+      cp_async_acc(s_checkpoint + i,
+                   valid ? checkpoint_row + chunk_index * p.dstate + i
+                         : static_cast<const acc_t*>(p.checkpoints),
+                   valid);
+    }
+    BC.issue(p, token0, p.seqlen, vec.B, vec.C);
+    cp_async_commit();
+  };
+
+  BC.stage_constants(p, pos, channels, valid_channels);
+  const int state_offset = static_cast<int>(pos.state0 - pos.block_state0);
+  const acc_t* B_base = BC.B_base(p, c, state_offset);
+  const acc_t* C_base = BC.C_base(p, c, state_offset);
+  const int B_token_stride = p.is_variable_B ? pos.padded_states : 0;
+  const int C_token_stride = p.is_variable_C ? pos.padded_states : 0;
+
+  acc_t A2[kBwdStates], dh[kBwdStates], dA[kBwdStates];
   load_thread_states(A2, p.A, channel * p.A_dim_stride, p.A_dstate_stride, p, pos);
 #pragma unroll
-  for (int i = 0; i < kStates; ++i) A2[i] *= acc_t(kLog2e);
-  if (!p.is_variable_B)
-    load_thread_states(B_const, p.B, channel * p.B_dim_stride, p.B_dstate_stride, p, pos);
-  if (!p.is_variable_C)
-    load_thread_states(C_const, p.C, channel * p.C_dim_stride, p.C_dstate_stride, p, pos);
-  load_thread_states(dh, p.dlast_state,
-                     pos.batch * p.dlast_state_batch_stride + channel * p.dlast_state_dim_stride,
-                     p.dlast_state_dstate_stride, p, pos);
-  for (int i = threadIdx.x; i < pos.channels; i += pos.threads) s_dD[i] = s_ddelta_bias[i] = 0;
-  // Packed batches, walking backwards: at the last token of a sequence, dh holds the gradient
-  // of the start state of the sequence after it (written to dinitial_state[id] in per-sequence
+  for (int i = 0; i < kBwdStates; ++i) {
+    A2[i] *= acc_t(kLog2e);
+    dA[i] = 0;
+  }
+  if (!p.is_variable_B || !p.is_variable_C) {
+    for (int i = 0; i < 2 * kBwdStates; ++i) s_const[i] = 0;
+  }
+  const acc_t bias =
+      channel_valid ? channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, channel) : acc_t(0);
+  // Packed batches, walking backwards: at the last token of a sequence, dh holds the gradient of
+  // the start state of the sequence after it (written to dinitial_state[id] in per-sequence
   // mode) and restarts from that sequence's dlast_state (per-sequence mode; per-row mode: at the
   // row's end only).
-  const bool per_sequence = p.num_sequences > 0;
+  load_thread_states(dh, per_sequence ? nullptr : p.dlast_state,
+                     pos.batch * p.dlast_state_batch_stride + channel * p.dlast_state_dim_stride,
+                     p.dlast_state_dstate_stride, p, pos);
   int64_t next_seq = kNoSequence;  // the sequence of the token after
   auto store_dinitial = [&](int64_t row) {
     store_thread_states(dh, p.dinitial_state,
-                        row * p.dinitial_state_batch_stride +
-                            channel * p.dinitial_state_dim_stride,
+                        row * p.dinitial_state_batch_stride + channel * p.dinitial_state_dim_stride,
                         p.dinitial_state_dstate_stride, p, pos);
   };
   auto end_sequence = [&](int id) {
@@ -176,219 +226,261 @@ __global__ void __launch_bounds__(256)
                            channel * p.dlast_state_dim_stride,
                        p.dlast_state_dstate_stride, p, pos);
   };
+  // The finished elements of this thread: channel threadIdx.x % channels, every
+  // (blockDim.x / channels)-th token, so that its dD and ddelta_bias sums keep a fixed order.
+  const int finish_channel = threadIdx.x % channels, finish_stride = blockDim.x / channels;
+  acc_t dD_sum = 0, ddelta_bias_sum = 0;
 
-  const int64_t nchunks = g.chunks(p.seqlen);
-  const Activation<input_t> dout(p.dout, pos.batch, p.dout_batch_stride, p.dout_dim_stride,
-                                 p.dout_seqlen_stride);
-  const Activation<input_t> z(p.z, pos.batch, p.z_batch_stride, p.z_dim_stride,
-                              p.z_seqlen_stride);
-  const bool variable_BC = p.is_variable_B || p.is_variable_C;
-  const int64_t BC_slot = p.deterministic ? blockIdx.x % g.channel_blocks_per_group : 0;
-  acc_t* BC_partials = static_cast<acc_t*>(p.BC_partials) +
-                       ((BC_slot * p.batch + pos.batch) * p.ngroups + pos.group) * 2 *
-                           p.dstate * p.seqlen;
-
+  if (nchunks > 0) issue_loads(nchunks - 1, (nchunks - 1) & 1);
   for (int64_t chunk_index = nchunks - 1; chunk_index >= 0; --chunk_index) {
     const int64_t token0 = chunk_index * kChunk;
-    // Load the chunk: dt, dt u, gy = dout silu(z), variable B and C.
-    load_dt_chunk<kChunk, input_t>(p, pos, token0, s_dt, s_dtu);
-    MAMBA_FOR_CHUNK_ELEMENTS(pos, kChunk, ce, t) {
-      const int64_t ch = pos.channel0 + ce, token = token0 + t;
-      acc_t gy = 0;
-      if (pos.channel_valid(ce) && token < p.seqlen &&
-          (p.seq_idx == nullptr || sequence_of(p, pos.batch, token) != kPadding)) {
-        gy = dout(ch, token);
-        if (p.z != nullptr) gy *= silu(acc_t(z(ch, token)));
-      }
-      s_gy[t * cs + ce] = gy;
-    }
-    load_variable_BC_chunk<kChunk, input_t>(p, pos, token0, s_B, s_C);
-    if (p.seq_idx != nullptr) {
-      for (int t = threadIdx.x; t < kChunk; t += pos.threads)
-        s_seq[t] = token0 + t < p.seqlen ? sequence_of(p, pos.batch, token0 + t) : kPadding;
-    }
-    // The sequence of the token before the chunk (none before the first).
+    unsigned char* stage = smem + tiles.stage(chunk_index & 1);
+    input_t* tile_u = reinterpret_cast<input_t*>(stage);
+    input_t* tile_delta = tile_u + channels * kPitch;
+    input_t* tile_z = tile_delta + channels * kPitch;
+    const input_t* tile_dout = tile_z + channels * kPitch;
+    const int32_t* s_seq = reinterpret_cast<const int32_t*>(stage + 4 * tiles.tile_bytes());
+    const acc_t* s_checkpoint =
+        reinterpret_cast<const acc_t*>(stage + 4 * tiles.tile_bytes() + kChunk * 4);
+    cp_async_wait_all();
+    __syncthreads();  // this chunk's tiles are in; every thread is done with the last chunk
+    BC.stage(p, token0, p.seqlen);
+    __syncthreads();
+    if (chunk_index > 0) issue_loads(chunk_index - 1, (chunk_index - 1) & 1);
+    const int chunk_tokens =
+        static_cast<int>(p.seqlen - token0 < kChunk ? p.seqlen - token0 : kChunk);
     const int64_t seq_before =
-        p.seq_idx != nullptr && token0 > 0 ? sequence_of(p, pos.batch, token0 - 1) : kNoSequence;
+        kPacked && token0 > 0 ? sequence_of(p, pos.batch, token0 - 1) : kNoSequence;
+    const input_t* row_u = tile_u + c * kPitch;
+    const input_t* row_delta = tile_delta + c * kPitch;
     // Whether a sequence starts at chunk token t (the same for the block).
     auto starts_at = [&](int t) {
-      return kPacked && token0 + t < p.seqlen &&
+      return kPacked && t < chunk_tokens &&
              s_seq[t] != (t > 0 ? int64_t(s_seq[t - 1]) : seq_before);
     };
-    __syncthreads();
+    auto live_at = [&](int t) {
+      return t < chunk_tokens && (!kPacked || s_seq[t] != kPadding);
+    };
+    // dt of tokens t and t + 1: each lane of the pair computes one, a shuffle hands it over.
+    auto dt_pair = [&](int t, acc_t& dt0, acc_t& dt1) {
+      acc_t mine = to_acc(row_delta[t + (odd ? 1 : 0)]) + bias;
+      if (p.delta_softplus) mine = softplus_fast(mine);
+      const acc_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
+      dt0 = odd ? other : mine;
+      dt1 = odd ? mine : other;
+    };
 
-    // Replay the chunk from its checkpoint, keeping the state before each sub-chunk, and the
-    // y partials that dz needs.
-    acc_t h_sub[kSubs][kStates];
+    // Pass A: replay the chunk from its checkpoint, keeping the state before each sub-chunk.
     {
-      acc_t h[kStates];
-      load_thread_states(h, p.checkpoints, checkpoint_offset(p, pos, nchunks, chunk_index), 1,
-                         p, pos);
+      acc_t h[kBwdStates];
 #pragma unroll
-      for (int sub = 0; sub < kSubs; ++sub) {
+      for (int i = 0; i < kBwdStates; ++i) h[i] = s_checkpoint[threadIdx.x * kBwdStates + i];
+#pragma unroll 1
+      for (int t = 0; t < kChunk; t += 2) {
+        acc_t dt2[2];
+        dt_pair(t, dt2[0], dt2[1]);
 #pragma unroll
-        for (int i = 0; i < kStates; ++i) h_sub[sub][i] = h[i];
-#pragma unroll 2
-        for (int t = sub * kBwdSub; t < (sub + 1) * kBwdSub; ++t) {
-          if (starts_at(t)) load_start_state(h, p, pos, s_seq[t], token0 + t);
-          const acc_t dt = s_dt[t * cs + c], dtu = s_dtu[t * cs + c];
-          acc_t B[kStates], C[kStates];
-          if (p.is_variable_B) load_smem_states(B, s_B + t * pos.padded_states + state_offset);
-          if (p.is_variable_C) load_smem_states(C, s_C + t * pos.padded_states + state_offset);
-          acc_t y = 0;
-#pragma unroll
-          for (int i = 0; i < kStates; ++i) {
-            h[i] = exp2_approx(dt * A2[i]) * h[i] + dtu * (p.is_variable_B ? B[i] : B_const[i]);
-            y += h[i] * (p.is_variable_C ? C[i] : C_const[i]);
+        for (int j = 0; j < 2; ++j) {
+          const int tt = t + j;
+          if (tt % kBwdSub == 0) {
+            State4* start = s_starts + (tt / kBwdSub) * 2 * blockDim.x + threadIdx.x;
+            start[0] = *reinterpret_cast<const State4*>(h);
+            start[blockDim.x] = *reinterpret_cast<const State4*>(h + 4);
           }
-          if (p.z != nullptr) s_ypart[(pos.slice * kChunk + t) * cs + c] = y;
+          if (starts_at(tt)) load_start_state(h, p, pos, s_seq[tt], token0 + tt);
+          const acc_t dt = live_at(tt) ? dt2[j] : acc_t(0);
+          const acc_t dtu = dt * to_acc(row_u[tt]);
+          acc_t B[kBwdStates];
+          load_smem_states(B, B_base + tt * B_token_stride);
+#pragma unroll
+          for (int i = 0; i < kBwdStates; ++i) h[i] = exp2_approx(dt * A2[i]) * h[i] + dtu * B[i];
         }
       }
     }
-    __syncthreads();
-    if (p.z != nullptr) {
-      MAMBA_FOR_CHUNK_ELEMENTS(pos, kChunk, ce, t) {
-        acc_t y = 0;
-        for (int slice = 0; slice < g.slices; ++slice) y += s_ypart[(slice * kChunk + t) * cs + ce];
-        s_ysum[t * cs + ce] = y;
-      }
-    }
-    __syncthreads();
 
-#pragma unroll
+    // Pass B: the sub-chunks, last first.
+#pragma unroll 1
     for (int sub = kSubs - 1; sub >= 0; --sub) {
-      // Replay the sub-chunk keeping every state.
-      acc_t hist[kBwdSub][kStates];
+      const int t0 = sub * kBwdSub;
+      acc_t dt_s[kBwdSub], dtu_s[kBwdSub], gy_s[kBwdSub];
+#pragma unroll
+      for (int j = 0; j < kBwdSub; j += 2) {
+        dt_pair(t0 + j, dt_s[j], dt_s[j + 1]);
+        // gy = dout silu(z), split over the pair likewise.
+        const int tm = t0 + j + (odd ? 1 : 0);
+        acc_t mine = to_acc(tile_dout[c * kPitch + tm]);
+        if (has_z) mine *= silu_fast(to_acc(tile_z[c * kPitch + tm]));
+        const acc_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
+        gy_s[j] = odd ? other : mine;
+        gy_s[j + 1] = odd ? mine : other;
+      }
 #pragma unroll
       for (int j = 0; j < kBwdSub; ++j) {
-        const int t = sub * kBwdSub + j;
-        const acc_t dt = s_dt[t * cs + c], dtu = s_dtu[t * cs + c];
-        acc_t B[kStates], start[kStates];
-        if (p.is_variable_B) load_smem_states(B, s_B + t * pos.padded_states + state_offset);
-        const bool starts = starts_at(t);
-        if (starts) load_start_state(start, p, pos, s_seq[t], token0 + t);
-#pragma unroll
-        for (int i = 0; i < kStates; ++i) {
-          const acc_t before = starts ? start[i] : j == 0 ? h_sub[sub][i] : hist[j - 1][i];
-          hist[j][i] =
-              exp2_approx(dt * A2[i]) * before + dtu * (p.is_variable_B ? B[i] : B_const[i]);
-        }
+        const bool live = live_at(t0 + j);
+        dt_s[j] = live ? dt_s[j] : acc_t(0);
+        gy_s[j] = live ? gy_s[j] : acc_t(0);
+        dtu_s[j] = dt_s[j] * to_acc(row_u[t0 + j]);
       }
-      // The adjoint recurrence over the sub-chunk, last token first.
-      acc_t round_sums[kBwdSub / kBwdRound];
+      // Replay the sub-chunk keeping every state.
+      acc_t hist[kBwdSub][kBwdStates];
+      {
+        const State4* start = s_starts + sub * 2 * blockDim.x + threadIdx.x;
+        *reinterpret_cast<State4*>(hist[0]) = start[0];
+        *reinterpret_cast<State4*>(hist[0] + 4) = start[blockDim.x];
+      }
+#pragma unroll
+      for (int j = 0; j < kBwdSub; ++j) {
+        acc_t B[kBwdStates], before[kBwdStates];
+        load_smem_states(B, B_base + (t0 + j) * B_token_stride);
+#pragma unroll
+        for (int i = 0; i < kBwdStates; ++i) before[i] = hist[j == 0 ? 0 : j - 1][i];
+        if (starts_at(t0 + j)) load_start_state(before, p, pos, s_seq[t0 + j], token0 + t0 + j);
+#pragma unroll
+        for (int i = 0; i < kBwdStates; ++i)
+          hist[j][i] = exp2_approx(dt_s[j] * A2[i]) * before[i] + dtu_s[j] * B[i];
+      }
+      // The adjoint over the sub-chunk, last token first.
 #pragma unroll
       for (int j = kBwdSub - 1; j >= 0; --j) {
-        const int t = sub * kBwdSub + j;
-        if (kPacked && token0 + t < p.seqlen && s_seq[t] != next_seq) {
+        const int t = t0 + j;
+        if (kPacked && t < chunk_tokens && s_seq[t] != next_seq) {
           // Token t ends its sequence: dh held the gradient of the next one's start state.
           end_sequence(s_seq[t]);
           next_seq = s_seq[t];
         }
-        const acc_t dt = s_dt[t * cs + c], dtu = s_dtu[t * cs + c], gy = s_gy[t * cs + c];
-        acc_t B[kStates], C[kStates], dB[kStates], dC[kStates];
-        if (p.is_variable_B) load_smem_states(B, s_B + t * pos.padded_states + state_offset);
-        if (p.is_variable_C) load_smem_states(C, s_C + t * pos.padded_states + state_offset);
-        acc_t P1 = 0, P2 = 0;
+        acc_t B[kBwdStates], C[kBwdStates], dB[kBwdStates], dC[kBwdStates];
+        load_smem_states(B, B_base + t * B_token_stride);
+        load_smem_states(C, C_base + t * C_token_stride);
+        acc_t y = 0, P1 = 0, P2 = 0;
 #pragma unroll
-        for (int i = 0; i < kStates; ++i) {
-          const acc_t B_i = p.is_variable_B ? B[i] : B_const[i];
-          const acc_t C_i = p.is_variable_C ? C[i] : C_const[i];
-          dh[i] += gy * C_i;
-          const acc_t r = dh[i] * (hist[j][i] - dtu * B_i);
-          dA[i] += dt * r;
+        for (int i = 0; i < kBwdStates; ++i) {
+          y += C[i] * hist[j][i];
+          dh[i] += gy_s[j] * C[i];
+          const acc_t r = dh[i] * (hist[j][i] - dtu_s[j] * B[i]);
+          dA[i] += dt_s[j] * r;
           P1 += A2[i] * r;
-          P2 += dh[i] * B_i;
-          dB[i] = dh[i] * dtu;
-          dC[i] = gy * hist[j][i];
-          dB_const[i] += dB[i];
-          dC_const[i] += dC[i];
-          dh[i] *= exp2_approx(dt * A2[i]);
+          P2 += dh[i] * B[i];
+          dB[i] = dh[i] * dtu_s[j];
+          dC[i] = gy_s[j] * hist[j][i];
+          dh[i] *= exp2_approx(dt_s[j] * A2[i]);
         }
-        // A2 is A log2 e: P1 wants A.
-        s_Ppart[((0 * g.slices + pos.slice) * kBwdSub + j) * cs + c] = P1 * acc_t(1.0 / kLog2e);
-        s_Ppart[((1 * g.slices + pos.slice) * kBwdSub + j) * cs + c] = P2;
-        if (variable_BC) {
-          // Round value (which, token in round, state): which * 16 + (j % 4) * 4 + state.
-          acc_t* row = s_red + threadIdx.x * kRedStride + (j % kBwdRound) * kStates;
+        y += __shfl_xor_sync(0xffffffffu, y, 1);
+        P1 += __shfl_xor_sync(0xffffffffu, P1, 1);
+        P2 += __shfl_xor_sync(0xffffffffu, P2, 1);
+        if (!odd) {
+          acc_t* part = s_part + (pos.slice * kChunk + t) * channels + c;
+          const int which_stride = g.slices * kChunk * channels;
+          part[0] = y;
+          part[which_stride] = P1 * acc_t(1.0 / kLog2e);  // A2 is A log2 e
+          part[2 * which_stride] = P2;
+        }
+        if (!p.is_variable_B || !p.is_variable_C) {
 #pragma unroll
-          for (int i = 0; i < kStates; ++i) {
+          for (int i = 0; i < kBwdStates; ++i) {
+            if (!p.is_variable_B) s_const[i] += dB[i];
+            if (!p.is_variable_C) s_const[kBwdStates + i] += dC[i];
+          }
+        }
+        if (variable_BC) {
+          // Round row: [token in round][B, C][state].
+          acc_t* row = s_row + (j % kBwdRound) * 2 * kBwdStates;
+#pragma unroll
+          for (int i = 0; i < kBwdStates; ++i) {
             row[i] = dB[i];
-            row[16 + i] = dC[i];
+            row[kBwdStates + i] = dC[i];
           }
           if (j % kBwdRound == 0) {
+            // Lane L adds (B or C = L / 16, state L % 16) over the warp's 16 channels (rows
+            // 2 c' + state / 8 hold the states of channel c').
             __syncwarp();
-            const acc_t* column = s_red + (threadIdx.x - pos.lane) * kRedStride + pos.lane;
-            acc_t sum = 0;
-#pragma unroll 8
-            for (int lane = 0; lane < 32; ++lane) sum += column[lane * kRedStride];
-            round_sums[j / kBwdRound] = sum;
+            const int which = pos.lane / 16, n = pos.lane % 16;
+            acc_t sums[kBwdRound] = {};
+#pragma unroll 4
+            for (int cw = 0; cw < 16; ++cw) {
+              const acc_t* src = s_warp_rows + (2 * cw + n / kBwdStates) * kRedStride +
+                                 which * kBwdStates + n % kBwdStates;
+#pragma unroll
+              for (int r = 0; r < kBwdRound; ++r) sums[r] += src[r * 2 * kBwdStates];
+            }
+#pragma unroll
+            for (int r = 0; r < kBwdRound; ++r)
+              s_lane_sums[(warp * 32 + pos.lane) * kChunk + t + r] = sums[r];
             __syncwarp();
           }
         }
-      }
-      if (variable_BC) {
-#pragma unroll
-        for (int round = 0; round < kBwdSub / kBwdRound; ++round)
-          s_bc[((round * g.slices + pos.slice) * g.channel_warps + pos.channel_warp) * 32 +
-               pos.lane] = round_sums[round];
-      }
-      __syncthreads();
-      // Sums over the block's slices (P1, P2) and channel warps (dB, dC).
-      for (int e = threadIdx.x; e < kBwdSub * pos.channels; e += pos.threads) {
-        const int ce = e / kBwdSub, j = e % kBwdSub, t = sub * kBwdSub + j;
-        acc_t P1 = 0, P2 = 0;
-        for (int slice = 0; slice < g.slices; ++slice) {
-          P1 += s_Ppart[((0 * g.slices + slice) * kBwdSub + j) * cs + ce];
-          P2 += s_Ppart[((1 * g.slices + slice) * kBwdSub + j) * cs + ce];
-        }
-        s_P1[t * cs + ce] = P1;
-        s_P2[t * cs + ce] = P2;
-      }
-      if (variable_BC) {
-        for (int e = threadIdx.x; e < (kBwdSub / kBwdRound) * g.slices * 32; e += pos.threads) {
-          const int value = e % 32, slice = (e / 32) % g.slices, round = e / (32 * g.slices);
-          const int which = value / 16, state = value % kStates;
-          const int64_t n = pos.block_state0 + slice * kStates + state;
-          const int64_t token =
-              token0 + sub * kBwdSub + round * kBwdRound + (value / kStates) % kBwdRound;
-          const bool wanted = which == 0 ? p.is_variable_B : p.is_variable_C;
-          if (!wanted || n >= p.dstate || token >= p.seqlen) continue;
-          acc_t sum = 0;
-          for (int cw = 0; cw < g.channel_warps; ++cw)
-            sum += s_bc[((round * g.slices + slice) * g.channel_warps + cw) * 32 + value];
-          write_slot(BC_partials + (which * p.dstate + n) * p.seqlen + token, sum,
-                     p.deterministic);
-        }
-      }
-      __syncthreads();
-    }
-
-    // Finish the chunk's du, ddelta, dz, or hand the slice sums to the finishing kernel.
-    MAMBA_FOR_CHUNK_ELEMENTS(pos, kChunk, ce, t) {
-      const int64_t ch = pos.channel0 + ce, token = token0 + t;
-      const bool valid = pos.channel_valid(ce) && token < p.seqlen;
-      if (finish_here) {
-        acc_t dD = 0, ddelta_bias = 0;
-        if (valid)
-          finish_token<input_t>(p, pos.batch, ch, token, s_ysum[t * cs + ce], s_P1[t * cs + ce],
-                                s_P2[t * cs + ce], dD, ddelta_bias);
-        // kChunk consecutive lanes hold one channel's tokens.
-        dD = lane_group_sum<kChunk>(dD);
-        ddelta_bias = lane_group_sum<kChunk>(ddelta_bias);
-        if (t == 0) {
-          s_dD[ce] += dD;
-          s_ddelta_bias[ce] += ddelta_bias;
-        }
-      } else if (valid) {
-        acc_t* partials = static_cast<acc_t*>(p.slice_partials) +
-                          ((blockIdx.z * 3 * p.batch + pos.batch) * p.dim + ch) * p.seqlen + token;
-        const int64_t which_stride = p.batch * p.dim * p.seqlen;
-        partials[0] = s_ysum[t * cs + ce];
-        partials[which_stride] = s_P1[t * cs + ce];
-        partials[2 * which_stride] = s_P2[t * cs + ce];
       }
     }
     __syncthreads();
+
+    // Per element: the slices' sums; du, ddelta, dz into the tiles, or the sums to the
+    // finishing kernel.
+    for (int t = threadIdx.x / channels; t < chunk_tokens; t += finish_stride) {
+      const int ce = finish_channel;
+      if (ce >= valid_channels) continue;
+      const int which_stride = g.slices * kChunk * channels;
+      acc_t sums[3] = {0, 0, 0};
+      for (int slice = 0; slice < g.slices; ++slice)
+        for (int which = 0; which < 3; ++which)
+          sums[which] += s_part[which * which_stride + (slice * kChunk + t) * channels + ce];
+      if (!finish_here) {
+        acc_t* partials = static_cast<acc_t*>(p.slice_partials) +
+                          ((blockIdx.z * 3 * p.batch + pos.batch) * p.dim + pos.channel0 + ce) *
+                              p.seqlen +
+                          token0 + t;
+        const int64_t which_stride_global = p.batch * p.dim * p.seqlen;
+        for (int which = 0; which < 3; ++which) partials[which * which_stride_global] = sums[which];
+        continue;
+      }
+      const int index = ce * kPitch + t;
+      if (kPacked && s_seq[t] == kPadding) {  // padding: its output was 0
+        tile_u[index] = tile_delta[index] = tile_z[index] = from_acc<input_t>(acc_t(0));
+        continue;
+      }
+      const int64_t ch = pos.channel0 + ce;
+      const TokenGrads<acc_t> grads = token_grads(
+          acc_t(to_acc(tile_u[index])),
+          acc_t(to_acc(tile_delta[index])) +
+              channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, ch),
+          has_z ? acc_t(to_acc(tile_z[index])) : acc_t(0), has_z, acc_t(to_acc(tile_dout[index])),
+          channel_weight<acc_t>(p.D, p.D_stride, ch), p.delta_softplus, sums[0], sums[1],
+          sums[2]);
+      tile_u[index] = from_acc<input_t>(grads.du);
+      tile_delta[index] = from_acc<input_t>(grads.ddelta);
+      if (has_z) tile_z[index] = from_acc<input_t>(grads.dz);
+      dD_sum += grads.dD;
+      ddelta_bias_sum += grads.ddelta_bias;
+    }
+    // The chunk's channel sums of dB and dC: the block's channel warps in order.
+    for (int e = threadIdx.x; e < g.slices * 32 * kChunk; e += blockDim.x) {
+      const int t = e % kChunk, key = (e / kChunk) % 32, slice = e / (32 * kChunk);
+      const int which = key / 16;
+      const int64_t n = pos.block_state0 + slice * 16 + key % 16;
+      if (!(which == 0 ? p.is_variable_B : p.is_variable_C) || n >= p.dstate || t >= chunk_tokens)
+        continue;
+      acc_t sum = 0;
+      for (int cw = 0; cw < g.channel_warps; ++cw)
+        sum += s_lane_sums[((slice * g.channel_warps + cw) * 32 + key) * kChunk + t];
+      const int64_t slot = p.deterministic ? blockIdx.x % g.channel_blocks_per_group : 0;
+      acc_t* BC_partials = static_cast<acc_t*>(p.BC_partials) +
+                           ((slot * p.batch + pos.batch) * p.ngroups + pos.group) * 2 * p.dstate *
+                               p.seqlen;
+      write_slot(BC_partials + (which * p.dstate + n) * p.seqlen + token0 + t, sum,
+                 p.deterministic);
+    }
+    __syncthreads();
+    if (finish_here) {
+      auto out_rows = [&](void* ptr, int64_t batch_stride, int64_t dim_stride) {
+        return static_cast<input_t*>(ptr) + pos.batch * batch_stride + pos.channel0 * dim_stride;
+      };
+      store_tile(tile_u, out_rows(p.du, p.du_batch_stride, p.du_dim_stride), p.du_dim_stride,
+                 p.du_seqlen_stride, valid_channels, token0, p.seqlen, vec.du);
+      store_tile(tile_delta, out_rows(p.ddelta, p.ddelta_batch_stride, p.ddelta_dim_stride),
+                 p.ddelta_dim_stride, p.ddelta_seqlen_stride, valid_channels, token0, p.seqlen,
+                 vec.ddelta);
+      if (has_z)
+        store_tile(tile_z, out_rows(p.dz, p.dz_batch_stride, p.dz_dim_stride), p.dz_dim_stride,
+                   p.dz_seqlen_stride, valid_channels, token0, p.seqlen, vec.dz);
+    }
   }
 
   // dh is now the gradient of the state before token 0.
@@ -396,110 +488,41 @@ __global__ void __launch_bounds__(256)
     store_dinitial(pos.batch);
   else if (next_seq >= 0)
     store_dinitial(next_seq);
-  if (pos.channel_valid(c)) {
-    const int64_t weight_slot = p.deterministic ? pos.batch : 0;
-    acc_t* weights = static_cast<acc_t*>(p.weight_partials) +
-                     (weight_slot * p.dim + channel) * 3 * p.dstate;
+  const int64_t weight_slot = p.deterministic ? pos.batch : 0;
+  if (channel_valid) {
+    acc_t* weights =
+        static_cast<acc_t*>(p.weight_partials) + (weight_slot * p.dim + channel) * 3 * p.dstate;
 #pragma unroll
-    for (int i = 0; i < kStates; ++i) {
+    for (int i = 0; i < kBwdStates; ++i) {
       const int64_t n = pos.state0 + i;
       if (n >= p.dstate) continue;
       write_slot(weights + n, dA[i], p.deterministic);
-      if (!p.is_variable_B) write_slot(weights + p.dstate + n, dB_const[i], p.deterministic);
-      if (!p.is_variable_C) write_slot(weights + 2 * p.dstate + n, dC_const[i], p.deterministic);
+      if (!p.is_variable_B) write_slot(weights + p.dstate + n, s_const[i], p.deterministic);
+      if (!p.is_variable_C)
+        write_slot(weights + 2 * p.dstate + n, s_const[kBwdStates + i], p.deterministic);
     }
   }
   if (finish_here) {
-    const int64_t weight_slot = p.deterministic ? pos.batch : 0;
-    for (int ce = threadIdx.x; ce < pos.channels; ce += pos.threads) {
-      if (!pos.channel_valid(ce)) continue;
-      acc_t* channels = static_cast<acc_t*>(p.channel_partials) +
-                        (weight_slot * p.dim + pos.channel0 + ce) * 2;
-      write_slot(channels, s_dD[ce], p.deterministic);
-      write_slot(channels + 1, s_ddelta_bias[ce], p.deterministic);
+    // dD and ddelta_bias: the threads of a channel in order.
+    s_channel[threadIdx.x * 2] = dD_sum;
+    s_channel[threadIdx.x * 2 + 1] = ddelta_bias_sum;
+    __syncthreads();
+    if (threadIdx.x < valid_channels) {
+      acc_t sums[2] = {0, 0};
+      for (int k = 0; k < finish_stride; ++k)
+        for (int which = 0; which < 2; ++which)
+          sums[which] += s_channel[(threadIdx.x + k * channels) * 2 + which];
+      acc_t* dst = static_cast<acc_t*>(p.channel_partials) +
+                   (weight_slot * p.dim + pos.channel0 + threadIdx.x) * 2;
+      write_slot(dst, sums[0], p.deterministic);
+      write_slot(dst + 1, sums[1], p.deterministic);
     }
   }
-}
-
-// When the state slices spanned several blocks: adds their sums and finishes du, ddelta, dz,
-// and the channel's dD and ddelta_bias. One block per (channel, batch).
-template <typename input_t>
-__global__ void __launch_bounds__(256)
-    selective_scan_bwd_finish_kernel(const SelectiveScanBwdParams p, int slice_blocks) {
-  using acc_t = acc_type<input_t>;
-  const int64_t channel = blockIdx.x, batch = blockIdx.y;
-  const int64_t which_stride = p.batch * p.dim * p.seqlen;
-  const acc_t* partials =
-      static_cast<const acc_t*>(p.slice_partials) + (batch * p.dim + channel) * p.seqlen;
-  acc_t dD = 0, ddelta_bias = 0;
-  for (int64_t token = threadIdx.x; token < p.seqlen; token += blockDim.x) {
-    acc_t sums[3] = {0, 0, 0};
-    for (int block = 0; block < slice_blocks; ++block)
-      for (int which = 0; which < 3; ++which)
-        sums[which] += partials[(block * 3 + which) * which_stride + token];
-    finish_token<input_t>(p, batch, channel, token, sums[0], sums[1], sums[2], dD, ddelta_bias);
-  }
-  __shared__ acc_t s_sums[2][8];
-  dD = lane_group_sum<32>(dD);
-  ddelta_bias = lane_group_sum<32>(ddelta_bias);
-  if (threadIdx.x % 32 == 0) {
-    s_sums[0][threadIdx.x / 32] = dD;
-    s_sums[1][threadIdx.x / 32] = ddelta_bias;
-  }
-  __syncthreads();
-  if (threadIdx.x < 2) {
-    acc_t sum = 0;
-    for (int warp = 0; warp < blockDim.x / 32; ++warp) sum += s_sums[threadIdx.x][warp];
-    const int64_t slot = p.deterministic ? batch : 0;
-    write_slot(static_cast<acc_t*>(p.channel_partials) + (slot * p.dim + channel) * 2 +
-                   threadIdx.x,
-               sum, p.deterministic);
-  }
-}
-
-// dst[i0, i1, i2, i3] = sum over slots of src[slot, i0, i1, i2, i3] (strides in elements), in
-// slot order: the one reduction behind dA, dB, dC, dD and ddelta_bias.
-struct SlotSum {
-  const void* src;
-  int64_t slots, slot_stride;
-  int64_t sizes[4], src_strides[4];
-  void* dst;
-  int64_t dst_strides[4];
-};
-
-template <typename acc_t, typename out_t>
-__global__ void __launch_bounds__(256) sum_slots_kernel(const SlotSum s) {
-  const int64_t count = s.sizes[0] * s.sizes[1] * s.sizes[2] * s.sizes[3];
-  for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < count;
-       index += int64_t(gridDim.x) * blockDim.x) {
-    int64_t rest = index, src_offset = 0, dst_offset = 0;
-#pragma unroll
-    for (int d = 3; d >= 0; --d) {
-      const int64_t i = rest % s.sizes[d];
-      rest /= s.sizes[d];
-      src_offset += i * s.src_strides[d];
-      dst_offset += i * s.dst_strides[d];
-    }
-    const acc_t* src = static_cast<const acc_t*>(s.src) + src_offset;
-    acc_t sum = 0;
-    for (int64_t slot = 0; slot < s.slots; ++slot) sum += src[slot * s.slot_stride];
-    static_cast<out_t*>(s.dst)[dst_offset] = from_acc<out_t>(sum);
-  }
-}
-
-template <typename acc_t, typename out_t>
-cudaError_t launch_sum_slots(const SlotSum& s, cudaStream_t stream) {
-  const int64_t count = s.sizes[0] * s.sizes[1] * s.sizes[2] * s.sizes[3];
-  if (count == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>((count + 255) / 256, 65536);
-  sum_slots_kernel<acc_t, out_t><<<blocks, 256, 0, stream>>>(s);
-  return cudaGetLastError();
 }
 
 template <typename input_t>
 cudaError_t run_selective_scan_bwd(const SelectiveScanBwdParams& p, cudaStream_t stream) {
   using acc_t = acc_type<input_t>;
-  constexpr int kChunk = selective_scan_cuda_chunk(sizeof(acc_t) == 8);
   // 1. Checkpoints.
   SelectiveScanFwdParams fwd = p;
   fwd.out = nullptr;
@@ -509,13 +532,32 @@ cudaError_t run_selective_scan_bwd(const SelectiveScanBwdParams& p, cudaStream_t
 
   // 2. The reverse pass.
   const SelectiveScanCudaGeometry g = selective_scan_bwd_cuda_geometry(p, sizeof(acc_t) == 8);
-  const size_t smem = bwd_smem_elements<kChunk, acc_t>(g) * sizeof(acc_t);
+  BwdTiles<input_t> tiles{g.channels_per_block(), g.slices * g.states_per_thread, g.slices,
+                          g.threads(),          true, !(p.is_variable_B && p.is_variable_C)};
+  if (!(p.is_variable_B || p.is_variable_C) || tiles.total() > 200 * 1024) tiles.async_BC = false;
+  BwdVectorized vec{};
+  vec.u = activation_vectorized<input_t>(p.u, p.u_batch_stride, p.u_dim_stride,
+                                         p.u_seqlen_stride);
+  vec.delta = activation_vectorized<input_t>(p.delta, p.delta_batch_stride, p.delta_dim_stride,
+                                             p.delta_seqlen_stride);
+  vec.z = activation_vectorized<input_t>(p.z, p.z_batch_stride, p.z_dim_stride,
+                                         p.z_seqlen_stride);
+  vec.dout = activation_vectorized<input_t>(p.dout, p.dout_batch_stride, p.dout_dim_stride,
+                                            p.dout_seqlen_stride);
+  vec.du = activation_vectorized<input_t>(p.du, p.du_batch_stride, p.du_dim_stride,
+                                          p.du_seqlen_stride);
+  vec.ddelta = activation_vectorized<input_t>(p.ddelta, p.ddelta_batch_stride, p.ddelta_dim_stride,
+                                              p.ddelta_seqlen_stride);
+  vec.dz = activation_vectorized<input_t>(p.dz, p.dz_batch_stride, p.dz_dim_stride,
+                                          p.dz_seqlen_stride);
+  state_inputs_vectorized<input_t>(p, vec.B, vec.C);
+  const size_t smem = tiles.total();
   auto kernel = p.seq_idx ? &selective_scan_bwd_kernel<input_t, true>
                           : &selective_scan_bwd_kernel<input_t, false>;
   error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (error != cudaSuccess) return error;
   const dim3 grid(g.channel_blocks_per_group * p.ngroups, p.batch, g.slice_blocks);
-  kernel<<<grid, g.threads(), smem, stream>>>(p, g);
+  kernel<<<grid, g.threads(), smem, stream>>>(p, g, tiles, vec);
   if ((error = cudaGetLastError()) != cudaSuccess) return error;
   if (g.slice_blocks > 1) {
     selective_scan_bwd_finish_kernel<input_t>
@@ -528,7 +570,8 @@ cudaError_t run_selective_scan_bwd(const SelectiveScanBwdParams& p, cudaStream_t
   const acc_t* BC = static_cast<const acc_t*>(p.BC_partials);
   const acc_t* weights = static_cast<const acc_t*>(p.weight_partials);
   const acc_t* channels = static_cast<const acc_t*>(p.channel_partials);
-  const int64_t BC_slot_stride = p.batch * p.ngroups * 2 * n * l, weight_slot_stride = p.dim * 3 * n;
+  const int64_t BC_slot_stride = p.batch * p.ngroups * 2 * n * l;
+  const int64_t weight_slot_stride = p.dim * 3 * n;
   for (int which = 0; which < 2; ++which) {
     const bool is_B = which == 0;
     if (is_B ? p.is_variable_B : p.is_variable_C) {

@@ -136,6 +136,37 @@ __device__ __forceinline__ void load_tile(input_t* tile, const input_t* base, in
   }
 }
 
+// The reverse of load_tile: rows [0, rows) x tokens [token0, min(token0 + kChunk, seqlen)) of
+// tile[rows][kPitchElements] to the (row, token) matrix at `base`, by coalesced 16-byte stores
+// when vectorised.
+template <typename input_t>
+__device__ __forceinline__ void store_tile(const input_t* tile, input_t* base, int64_t row_stride,
+                                           int64_t token_stride, int rows, int64_t token0,
+                                           int64_t seqlen, bool vectorized) {
+  constexpr int kChunk = FwdTiles<input_t>::kChunk;
+  constexpr int kPitch = FwdTiles<input_t>::kPitchElements;
+  constexpr int kPerVec = Vec16<input_t>::kSize, kVecs = kChunk / kPerVec;
+  if (vectorized) {
+    for (int e = threadIdx.x; e < rows * kVecs; e += blockDim.x) {
+      const int r = e / kVecs, v = e % kVecs;
+      const int64_t token = token0 + v * kPerVec;
+      const input_t* src = tile + r * kPitch + v * kPerVec;
+      input_t* dst = base + r * row_stride + token;
+      if (token + kPerVec <= seqlen) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+      } else {
+        for (int j = 0; token + j < seqlen; ++j) dst[j] = src[j];
+      }
+    }
+  } else {
+    for (int e = threadIdx.x; e < rows * kChunk; e += blockDim.x) {
+      const int r = e / kChunk, t = e % kChunk;
+      if (token0 + t < seqlen)
+        base[r * row_stride + (token0 + t) * token_stride] = tile[r * kPitch + t];
+    }
+  }
+}
+
 // Variable B and C of a chunk in shared memory as acc_t [token][state] (a thread reads its 8
 // states of a token as 2 broadcast 16-byte reads): raw [state][token] tiles arrive by cp.async
 // (`async`) and are converted, or are read from global memory when they would not fit. A
@@ -418,7 +449,7 @@ __global__ void __launch_bounds__(512, 1)
           acc_t mine = (odd ? y[j + 1] : y[j]) + D * to_acc(odd ? u_v.v[j + 1] : u_v.v[j]);
           if (z_rows != nullptr) mine *= silu_fast(to_acc(odd ? z_v.v[j + 1] : z_v.v[j]));
           mine = (odd ? live[j + 1] : live[j]) ? mine : acc_t(0);
-                const acc_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
+          const acc_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
           out_v.v[j] = from_acc<input_t>(odd ? other : mine);
           out_v.v[j + 1] = from_acc<input_t>(odd ? mine : other);
         }
@@ -450,29 +481,9 @@ __global__ void __launch_bounds__(512, 1)
       }
     }
     __syncthreads();
-    // The output tile to global memory.
-    input_t* out_rows = static_cast<input_t*>(p.out) + pos.batch * p.out_batch_stride +
-                        pos.channel0 * p.out_dim_stride;
-    if (vec.out) {
-      for (int e = threadIdx.x; e < valid_channels * kVecs; e += blockDim.x) {
-        const int r = e / kVecs, v = e % kVecs;
-        const int64_t token = token0 + v * kPerVec;
-        const input_t* src = tile_u + r * kPitch + v * kPerVec;
-        input_t* dst = out_rows + r * p.out_dim_stride + token;
-        if (token + kPerVec <= token_end) {
-          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-        } else {
-          for (int j = 0; token + j < token_end; ++j) dst[j] = src[j];
-        }
-      }
-    } else {
-      for (int e = threadIdx.x; e < valid_channels * kChunk; e += blockDim.x) {
-        const int r = e / kChunk, t = e % kChunk;
-        if (token0 + t < token_end)
-          out_rows[r * p.out_dim_stride + (token0 + t) * p.out_seqlen_stride] =
-              tile_u[r * kPitch + t];
-      }
-    }
+    store_tile(tile_u, static_cast<input_t*>(p.out) + pos.batch * p.out_batch_stride +
+                           pos.channel0 * p.out_dim_stride,
+               p.out_dim_stride, p.out_seqlen_stride, valid_channels, token0, token_end, vec.out);
   }
   if (p.segment_pass == 1) {
     store_thread_states(h, p.segment_states, segment_row * p.dstate, 1, p, pos);
@@ -523,26 +534,41 @@ inline bool vector_aligned(const void* ptr, std::initializer_list<int64_t> outer
   return true;
 }
 
+// A (batch, dim, seqlen) activation moves by 16-byte copies.
+template <typename input_t>
+inline bool activation_vectorized(const void* ptr, int64_t batch_stride, int64_t dim_stride,
+                                  int64_t seqlen_stride) {
+  return vector_aligned(ptr, {batch_stride, dim_stride}, seqlen_stride, Vec16<input_t>::kSize);
+}
+
+// Whether a variable B and C move by 16-byte copies.
+template <typename input_t>
+inline void state_inputs_vectorized(const SelectiveScanFwdParams& p, bool& B, bool& C) {
+  constexpr int kPerVec = Vec16<input_t>::kSize;
+  B = p.is_variable_B && vector_aligned(p.B, {p.B_batch_stride, p.B_group_stride,
+                                              p.B_dstate_stride},
+                                        p.B_seqlen_stride, kPerVec);
+  C = p.is_variable_C && vector_aligned(p.C, {p.C_batch_stride, p.C_group_stride,
+                                              p.C_dstate_stride},
+                                        p.C_seqlen_stride, kPerVec);
+}
+
 template <typename input_t>
 cudaError_t launch_selective_scan_fwd(const SelectiveScanFwdParams& p,
                                       const SelectiveScanCudaGeometry& g, int64_t segments,
                                       cudaStream_t stream) {
-  constexpr int kPerVec = Vec16<input_t>::kSize;
   FwdTiles<input_t> tiles{g.channels_per_block(), g.slices * g.states_per_thread, g.slices, true};
   if (!(p.is_variable_B || p.is_variable_C) || tiles.total() > 200 * 1024) tiles.async_BC = false;
   FwdVectorized vec{};
-  vec.u = vector_aligned(p.u, {p.u_batch_stride, p.u_dim_stride}, p.u_seqlen_stride, kPerVec);
-  vec.delta = vector_aligned(p.delta, {p.delta_batch_stride, p.delta_dim_stride},
-                             p.delta_seqlen_stride, kPerVec);
-  vec.z = vector_aligned(p.z, {p.z_batch_stride, p.z_dim_stride}, p.z_seqlen_stride, kPerVec);
-  vec.out = vector_aligned(p.out, {p.out_batch_stride, p.out_dim_stride}, p.out_seqlen_stride,
-                           kPerVec);
-  vec.B = p.is_variable_B && vector_aligned(p.B, {p.B_batch_stride, p.B_group_stride,
-                                                  p.B_dstate_stride},
-                                            p.B_seqlen_stride, kPerVec);
-  vec.C = p.is_variable_C && vector_aligned(p.C, {p.C_batch_stride, p.C_group_stride,
-                                                  p.C_dstate_stride},
-                                            p.C_seqlen_stride, kPerVec);
+  vec.u = activation_vectorized<input_t>(p.u, p.u_batch_stride, p.u_dim_stride,
+                                         p.u_seqlen_stride);
+  vec.delta = activation_vectorized<input_t>(p.delta, p.delta_batch_stride, p.delta_dim_stride,
+                                             p.delta_seqlen_stride);
+  vec.z = activation_vectorized<input_t>(p.z, p.z_batch_stride, p.z_dim_stride,
+                                         p.z_seqlen_stride);
+  vec.out = activation_vectorized<input_t>(p.out, p.out_batch_stride, p.out_dim_stride,
+                                           p.out_seqlen_stride);
+  state_inputs_vectorized<input_t>(p, vec.B, vec.C);
   const size_t smem = tiles.total();
   auto kernel = p.seq_idx ? &selective_scan_fwd_kernel<input_t, true>
                           : &selective_scan_fwd_kernel<input_t, false>;

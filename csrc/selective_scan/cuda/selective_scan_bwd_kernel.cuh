@@ -33,6 +33,7 @@ namespace scan_cuda {
 constexpr int kBwdStates = kFwdStates;  // states a lane keeps
 constexpr int kBwdSub = 4;              // tokens whose states a lane keeps in registers
 constexpr int kBwdRound = 2;            // tokens a dB / dC transpose round
+static_assert(kBwdStates == 8, "sub-chunk states are kept as two 4-state vectors");
 
 // The shared memory of a backward block, in bytes from its start.
 template <typename input_t> struct BwdTiles {
@@ -284,8 +285,8 @@ __global__ void __launch_bounds__(128, 3)
           const int tt = t + j;
           if (tt % kBwdSub == 0) {
             State4* start = s_starts + (tt / kBwdSub) * 2 * blockDim.x + threadIdx.x;
-            start[0] = *reinterpret_cast<const State4*>(h);
-            start[blockDim.x] = *reinterpret_cast<const State4*>(h + 4);
+            start[0] = State4{{h[0], h[1], h[2], h[3]}};
+            start[blockDim.x] = State4{{h[4], h[5], h[6], h[7]}};
           }
           if (starts_at(tt)) load_start_state(h, p, pos, s_seq[tt], token0 + tt);
           const acc_t dt = live_at(tt) ? dt2[j] : acc_t(0);
@@ -325,8 +326,12 @@ __global__ void __launch_bounds__(128, 3)
       acc_t hist[kBwdSub][kBwdStates];
       {
         const State4* start = s_starts + sub * 2 * blockDim.x + threadIdx.x;
-        *reinterpret_cast<State4*>(hist[0]) = start[0];
-        *reinterpret_cast<State4*>(hist[0] + 4) = start[blockDim.x];
+        const State4 low = start[0], high = start[blockDim.x];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          hist[0][i] = low.v[i];
+          hist[0][4 + i] = high.v[i];
+        }
       }
 #pragma unroll
       for (int j = 0; j < kBwdSub; ++j) {

@@ -13,13 +13,14 @@
 //      r      = dh_t (h_t - dt_t u_t B_t) = dh_t a_t h_{t-1}
 //      dA    += dt_t r      ddt_t = sum_n A r + u_t sum_n dh_t B_t      du_t = dt_t sum_n dh_t B_t
 //      dB_t  += dh_t dt_t u_t (summed over channels)   dC_t += gy_t h_t (likewise)
-//    Sums over a channel's states: a shuffle in the lane pair, then the slices' partials in
-//    shared memory, added per element at the chunk's end, where du, ddelta and dz are finished
-//    into the tiles and stored coalesced (or, with several slice blocks, handed to a finishing
-//    kernel). Sums over channels (variable dB, dC): every kBwdRound tokens a warp transposes its
-//    lanes' values through shared memory and a lane adds one (B or C, state) over the warp's 16
-//    channels; at the chunk's end the block adds its channel warps in order into scratch
-//    (atomics into one slot, or one slot per channel block when deterministic).
+//    Sums over a channel's states: a shuffle in the lane pair; with one slice the pair then
+//    finishes du, ddelta and dz of the sub-chunk's tokens in the tiles, with several the slices'
+//    partials go through shared memory and are added per element at the chunk's end (or, with
+//    several slice blocks, handed to a finishing kernel); the tiles are stored coalesced. Sums
+//    over channels (variable dB, dC): every token a warp transposes its lanes' values through
+//    shared memory and a lane adds one (B or C, state) over the warp's 16 channels; at the
+//    chunk's end the block adds its channel warps in order into scratch (atomics into one slot,
+//    or one slot per channel block when deterministic).
 // 3. Small kernels add the scratch's slots in a fixed order and write dB, dC, dA, dD,
 //    ddelta_bias in their dtypes and layouts.
 #pragma once
@@ -32,7 +33,6 @@ namespace scan_cuda {
 
 constexpr int kBwdStates = kFwdStates;  // states a lane keeps
 constexpr int kBwdSub = 4;              // tokens whose states a lane keeps in registers
-constexpr int kBwdRound = 2;            // tokens a dB / dC transpose round
 static_assert(kBwdStates == 8, "sub-chunk states are kept as two 4-state vectors");
 
 // The shared memory of a backward block, in bytes from its start.
@@ -42,9 +42,10 @@ template <typename input_t> struct BwdTiles {
   static constexpr int kPitch = FwdTiles<input_t>::kPitch;
   static constexpr int kSubs = kChunk / kBwdSub;
   static constexpr int kAcc = sizeof(acc_t);
-  // A lane's transpose row: kBwdRound tokens x {dB, dC} x 8 states, padded to an odd multiple of
-  // 16 bytes (8 lanes' 16-byte stores hit distinct banks).
-  static constexpr int kRedStride = kBwdRound * 2 * kBwdStates + 16 / kAcc;
+  // A lane's transpose row: {dB, dC} x 8 states of one token, as 4 vectors of 4 whose places
+  // are swizzled by the lane, so that stores and sums hit distinct banks.
+  static constexpr int kRow = 2 * kBwdStates;
+  static constexpr int kLaneSumStride = 33;  // [warp][token][32 keys + 1]: conflict-free reads
   int channels, states, slices, threads;
   bool async_BC, constant_BC;
 
@@ -68,16 +69,19 @@ template <typename input_t> struct BwdTiles {
     return starts() + kSubs * checkpoint_elements() * kAcc;
   }
   // [warps][32][kChunk]: a lane's channel sums of its (B or C, state) per token of the chunk.
-  __host__ __device__ int lane_sums() const { return transpose() + threads * kRedStride * kAcc; }
+  __host__ __device__ int lane_sums() const { return transpose() + threads * kRow * kAcc; }
   // [threads][2][8]: a constant B's and C's gradients of the thread's states.
-  __host__ __device__ int constant_grads() const { return lane_sums() + threads * kChunk * kAcc; }
-  // [3][slices][kChunk][channels]: y, sum A r, sum dh B of each slice.
+  __host__ __device__ int constant_grads() const {
+    return lane_sums() + threads / 32 * kChunk * kLaneSumStride * kAcc;
+  }
+  // [3][slices][kChunk][channels]: y, sum A r, sum dh B of each slice (one slice finishes its
+  // tokens in the lane pair and needs none).
   __host__ __device__ int partials() const {
     return constant_grads() + (constant_BC ? threads * 2 * kBwdStates * kAcc : 0);
   }
   // [threads][2]: dD and ddelta_bias of the thread's finished elements.
   __host__ __device__ int channel_sums() const {
-    return partials() + 3 * slices * kChunk * channels * kAcc;
+    return partials() + (slices > 1 ? 3 * slices * kChunk * channels * kAcc : 0);
   }
   __host__ __device__ int total() const { return channel_sums() + threads * 2 * kAcc; }
 };
@@ -109,7 +113,7 @@ __global__ void __launch_bounds__(128, 3)
   using acc_t = acc_type<input_t>;
   using Tiles = BwdTiles<input_t>;
   constexpr int kChunk = Tiles::kChunk, kPitch = FwdTiles<input_t>::kPitchElements;
-  constexpr int kSubs = Tiles::kSubs, kRedStride = Tiles::kRedStride;
+  constexpr int kSubs = Tiles::kSubs, kRow = Tiles::kRow, kSumStride = Tiles::kLaneSumStride;
   using State4 = Acc4<acc_t>;
   extern __shared__ __align__(16) unsigned char smem[];
 
@@ -142,9 +146,14 @@ __global__ void __launch_bounds__(128, 3)
                                     tiles.BC_elements(), p, pos, tiles.const_stride(),
                                     tiles.async_BC);
   State4* s_starts = reinterpret_cast<State4*>(smem + tiles.starts());  // [kSubs][2][threads]
-  acc_t* s_row = reinterpret_cast<acc_t*>(smem + tiles.transpose()) + threadIdx.x * kRedStride;
-  acc_t* s_warp_rows = s_row - pos.lane * kRedStride;
-  acc_t* s_lane_sums = reinterpret_cast<acc_t*>(smem + tiles.lane_sums());  // [warps][32][kChunk]
+  // The dB / dC transpose: lane L stores its vector k (of 4 states) at place k ^ ((L / 2) % 4) of
+  // row L; lane (which = B or C, n = 8 h + i) sums state n of rows 2 c' + h, c' < 16.
+  acc_t* s_warp_rows = reinterpret_cast<acc_t*>(smem + tiles.transpose()) + warp * 32 * kRow;
+  acc_t* s_row = s_warp_rows + pos.lane * kRow;
+  const int row_swizzle = 4 * ((pos.lane / 2) % 4);
+  const int sum_place = 16 * ((pos.lane % 16) / kBwdStates) +
+                        4 * ((pos.lane / 16) * 2 + (pos.lane % kBwdStates) / 4) + pos.lane % 4;
+  acc_t* s_lane_sums = reinterpret_cast<acc_t*>(smem + tiles.lane_sums());  // [warps][kChunk][33]
   acc_t* s_const = reinterpret_cast<acc_t*>(smem + tiles.constant_grads()) +
                    threadIdx.x * 2 * kBwdStates;
   acc_t* s_part = reinterpret_cast<acc_t*>(smem + tiles.partials());  // [3][slices][kChunk][ch]
@@ -227,9 +236,14 @@ __global__ void __launch_bounds__(128, 3)
                            channel * p.dlast_state_dim_stride,
                        p.dlast_state_dstate_stride, p, pos);
   };
-  // The finished elements of this thread: channel threadIdx.x % channels, every
-  // (blockDim.x / channels)-th token, so that its dD and ddelta_bias sums keep a fixed order.
+  // The elements this thread finishes, in a fixed order for its dD and ddelta_bias sums: with
+  // one slice, tokens odd, odd + 2, ... of its own channel; with several, channel
+  // threadIdx.x % channels, every (blockDim.x / channels)-th token. Slot `sum_slot` of the
+  // channel's blockDim.x / channels.
   const int finish_channel = threadIdx.x % channels, finish_stride = blockDim.x / channels;
+  const int sum_channel = g.slices == 1 ? c : finish_channel;
+  const int sum_slot = g.slices == 1 ? (odd ? 1 : 0) : static_cast<int>(threadIdx.x) / channels;
+  const acc_t D_own = channel_valid ? channel_weight<acc_t>(p.D, p.D_stride, channel) : acc_t(0);
   acc_t dD_sum = 0, ddelta_bias_sum = 0;
 
   if (nchunks > 0) issue_loads(nchunks - 1, (nchunks - 1) & 1);
@@ -271,28 +285,46 @@ __global__ void __launch_bounds__(128, 3)
       dt1 = odd ? mine : other;
     };
 
+    // du, ddelta, dz of element (ce, t) into the tiles (padding: 0, as its output was), and the
+    // thread's dD and ddelta_bias sums.
+    auto finish_token = [&](int ce, int t, acc_t D, acc_t bias_ce, acc_t y, acc_t P1, acc_t P2) {
+      const int index = ce * kPitch + t;
+      if (kPacked && s_seq[t] == kPadding) {
+        tile_u[index] = tile_delta[index] = tile_z[index] = from_acc<input_t>(acc_t(0));
+        return;
+      }
+      const TokenGrads<acc_t> grads =
+          token_grads(acc_t(to_acc(tile_u[index])), acc_t(to_acc(tile_delta[index])) + bias_ce,
+                      has_z ? acc_t(to_acc(tile_z[index])) : acc_t(0), has_z,
+                      acc_t(to_acc(tile_dout[index])), D, p.delta_softplus, y, P1, P2);
+      tile_u[index] = from_acc<input_t>(grads.du);
+      tile_delta[index] = from_acc<input_t>(grads.ddelta);
+      if (has_z) tile_z[index] = from_acc<input_t>(grads.dz);
+      dD_sum += grads.dD;
+      ddelta_bias_sum += grads.ddelta_bias;
+    };
+
     // Pass A: replay the chunk from its checkpoint, keeping the state before each sub-chunk.
     {
       acc_t h[kBwdStates];
 #pragma unroll
       for (int i = 0; i < kBwdStates; ++i) h[i] = s_checkpoint[threadIdx.x * kBwdStates + i];
 #pragma unroll 1
-      for (int t = 0; t < kChunk; t += 2) {
-        acc_t dt2[2];
-        dt_pair(t, dt2[0], dt2[1]);
+      for (int t0 = 0; t0 < kChunk; t0 += kBwdSub) {
+        State4* start = s_starts + (t0 / kBwdSub) * 2 * blockDim.x + threadIdx.x;
+        start[0] = State4{{h[0], h[1], h[2], h[3]}};
+        start[blockDim.x] = State4{{h[4], h[5], h[6], h[7]}};
+        acc_t dt_s[kBwdSub];
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int tt = t + j;
-          if (tt % kBwdSub == 0) {
-            State4* start = s_starts + (tt / kBwdSub) * 2 * blockDim.x + threadIdx.x;
-            start[0] = State4{{h[0], h[1], h[2], h[3]}};
-            start[blockDim.x] = State4{{h[4], h[5], h[6], h[7]}};
-          }
-          if (starts_at(tt)) load_start_state(h, p, pos, s_seq[tt], token0 + tt);
-          const acc_t dt = live_at(tt) ? dt2[j] : acc_t(0);
-          const acc_t dtu = dt * to_acc(row_u[tt]);
+        for (int j = 0; j < kBwdSub; j += 2) dt_pair(t0 + j, dt_s[j], dt_s[j + 1]);
+#pragma unroll
+        for (int j = 0; j < kBwdSub; ++j) {
+          const int t = t0 + j;
+          if (starts_at(t)) load_start_state(h, p, pos, s_seq[t], token0 + t);
+          const acc_t dt = live_at(t) ? dt_s[j] : acc_t(0);
+          const acc_t dtu = dt * to_acc(row_u[t]);
           acc_t B[kBwdStates];
-          load_smem_states(B, B_base + tt * B_token_stride);
+          load_smem_states(B, B_base + t * B_token_stride);
 #pragma unroll
           for (int i = 0; i < kBwdStates; ++i) h[i] = exp2_approx(dt * A2[i]) * h[i] + dtu * B[i];
         }
@@ -344,7 +376,9 @@ __global__ void __launch_bounds__(128, 3)
         for (int i = 0; i < kBwdStates; ++i)
           hist[j][i] = exp2_approx(dt_s[j] * A2[i]) * before[i] + dtu_s[j] * B[i];
       }
-      // The adjoint over the sub-chunk, last token first.
+      // The adjoint over the sub-chunk, last token first; the channel sums y, P1, P2 of its
+      // tokens end in both lanes of the pair.
+      acc_t sums_s[3][kBwdSub];
 #pragma unroll
       for (int j = kBwdSub - 1; j >= 0; --j) {
         const int t = t0 + j;
@@ -369,16 +403,9 @@ __global__ void __launch_bounds__(128, 3)
           dC[i] = gy_s[j] * hist[j][i];
           dh[i] *= exp2_approx(dt_s[j] * A2[i]);
         }
-        y += __shfl_xor_sync(0xffffffffu, y, 1);
-        P1 += __shfl_xor_sync(0xffffffffu, P1, 1);
-        P2 += __shfl_xor_sync(0xffffffffu, P2, 1);
-        if (!odd) {
-          acc_t* part = s_part + (pos.slice * kChunk + t) * channels + c;
-          const int which_stride = g.slices * kChunk * channels;
-          part[0] = y;
-          part[which_stride] = P1 * acc_t(1.0 / kLog2e);  // A2 is A log2 e
-          part[2 * which_stride] = P2;
-        }
+        sums_s[0][j] = y + __shfl_xor_sync(0xffffffffu, y, 1);
+        sums_s[1][j] = (P1 + __shfl_xor_sync(0xffffffffu, P1, 1)) * acc_t(1.0 / kLog2e);
+        sums_s[2][j] = P2 + __shfl_xor_sync(0xffffffffu, P2, 1);
         if (!p.is_variable_B || !p.is_variable_C) {
 #pragma unroll
           for (int i = 0; i < kBwdStates; ++i) {
@@ -387,39 +414,48 @@ __global__ void __launch_bounds__(128, 3)
           }
         }
         if (variable_BC) {
-          // Round row: [token in round][B, C][state].
-          acc_t* row = s_row + (j % kBwdRound) * 2 * kBwdStates;
+          // The warp's sums over its 16 channels: lane (B or C = lane / 16, state lane % 16).
 #pragma unroll
-          for (int i = 0; i < kBwdStates; ++i) {
-            row[i] = dB[i];
-            row[kBwdStates + i] = dC[i];
+          for (int k = 0; k < 4; ++k) {
+            const acc_t* v = k < 2 ? dB + 4 * k : dC + 4 * (k - 2);
+            *reinterpret_cast<State4*>(s_row + ((4 * k) ^ row_swizzle)) =
+                State4{{v[0], v[1], v[2], v[3]}};
           }
-          if (j % kBwdRound == 0) {
-            // Lane L adds (B or C = L / 16, state L % 16) over the warp's 16 channels (rows
-            // 2 c' + state / 8 hold the states of channel c').
-            __syncwarp();
-            const int which = pos.lane / 16, n = pos.lane % 16;
-            acc_t sums[kBwdRound] = {};
-#pragma unroll 4
-            for (int cw = 0; cw < 16; ++cw) {
-              const acc_t* src = s_warp_rows + (2 * cw + n / kBwdStates) * kRedStride +
-                                 which * kBwdStates + n % kBwdStates;
+          __syncwarp();
+          acc_t sum = 0;
 #pragma unroll
-              for (int r = 0; r < kBwdRound; ++r) sums[r] += src[r * 2 * kBwdStates];
-            }
+          for (int cw = 0; cw < 16; ++cw)
+            sum += s_warp_rows[cw * 2 * kRow + (sum_place ^ (4 * (cw % 4)))];
+          s_lane_sums[(warp * kChunk + t) * kSumStride + pos.lane] = sum;
+          __syncwarp();
+        }
+      }
+      if (g.slices == 1) {
+        // Finish tokens t0 + odd and t0 + odd + 2 of the channel in the tiles.
 #pragma unroll
-            for (int r = 0; r < kBwdRound; ++r)
-              s_lane_sums[(warp * 32 + pos.lane) * kChunk + t + r] = sums[r];
-            __syncwarp();
-          }
+        for (int q = 0; q < kBwdSub / 2; ++q) {
+          const int j = 2 * q + (odd ? 1 : 0), t = t0 + j;
+          if (t >= chunk_tokens || !channel_valid) continue;
+          const acc_t y = odd ? sums_s[0][2 * q + 1] : sums_s[0][2 * q];
+          const acc_t P1 = odd ? sums_s[1][2 * q + 1] : sums_s[1][2 * q];
+          const acc_t P2 = odd ? sums_s[2][2 * q + 1] : sums_s[2][2 * q];
+          finish_token(c, t, D_own, bias, y, P1, P2);
+        }
+      } else if (!odd) {
+#pragma unroll
+        for (int j = 0; j < kBwdSub; ++j) {
+          acc_t* part = s_part + (pos.slice * kChunk + t0 + j) * channels + c;
+          const int which_stride = g.slices * kChunk * channels;
+#pragma unroll
+          for (int which = 0; which < 3; ++which) part[which * which_stride] = sums_s[which][j];
         }
       }
     }
     __syncthreads();
 
-    // Per element: the slices' sums; du, ddelta, dz into the tiles, or the sums to the
-    // finishing kernel.
-    for (int t = threadIdx.x / channels; t < chunk_tokens; t += finish_stride) {
+    // Several slices: the per-element sum of their partials, then du, ddelta, dz into the
+    // tiles, or the sums to the finishing kernel.
+    for (int t = threadIdx.x / channels; g.slices > 1 && t < chunk_tokens; t += finish_stride) {
       const int ce = finish_channel;
       if (ce >= valid_channels) continue;
       const int which_stride = g.slices * kChunk * channels;
@@ -436,24 +472,10 @@ __global__ void __launch_bounds__(128, 3)
         for (int which = 0; which < 3; ++which) partials[which * which_stride_global] = sums[which];
         continue;
       }
-      const int index = ce * kPitch + t;
-      if (kPacked && s_seq[t] == kPadding) {  // padding: its output was 0
-        tile_u[index] = tile_delta[index] = tile_z[index] = from_acc<input_t>(acc_t(0));
-        continue;
-      }
       const int64_t ch = pos.channel0 + ce;
-      const TokenGrads<acc_t> grads = token_grads(
-          acc_t(to_acc(tile_u[index])),
-          acc_t(to_acc(tile_delta[index])) +
-              channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, ch),
-          has_z ? acc_t(to_acc(tile_z[index])) : acc_t(0), has_z, acc_t(to_acc(tile_dout[index])),
-          channel_weight<acc_t>(p.D, p.D_stride, ch), p.delta_softplus, sums[0], sums[1],
-          sums[2]);
-      tile_u[index] = from_acc<input_t>(grads.du);
-      tile_delta[index] = from_acc<input_t>(grads.ddelta);
-      if (has_z) tile_z[index] = from_acc<input_t>(grads.dz);
-      dD_sum += grads.dD;
-      ddelta_bias_sum += grads.ddelta_bias;
+      finish_token(ce, t, channel_weight<acc_t>(p.D, p.D_stride, ch),
+                   channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, ch), sums[0], sums[1],
+                   sums[2]);
     }
     // The chunk's channel sums of dB and dC: the block's channel warps in order.
     for (int e = threadIdx.x; e < g.slices * 32 * kChunk; e += blockDim.x) {
@@ -464,7 +486,7 @@ __global__ void __launch_bounds__(128, 3)
         continue;
       acc_t sum = 0;
       for (int cw = 0; cw < g.channel_warps; ++cw)
-        sum += s_lane_sums[((slice * g.channel_warps + cw) * 32 + key) * kChunk + t];
+        sum += s_lane_sums[((slice * g.channel_warps + cw) * kChunk + t) * kSumStride + key];
       const int64_t slot = p.deterministic ? blockIdx.x % g.channel_blocks_per_group : 0;
       acc_t* BC_partials = static_cast<acc_t*>(p.BC_partials) +
                            ((slot * p.batch + pos.batch) * p.ngroups + pos.group) * 2 * p.dstate *
@@ -509,8 +531,8 @@ __global__ void __launch_bounds__(128, 3)
   }
   if (finish_here) {
     // dD and ddelta_bias: the threads of a channel in order.
-    s_channel[threadIdx.x * 2] = dD_sum;
-    s_channel[threadIdx.x * 2 + 1] = ddelta_bias_sum;
+    s_channel[(sum_slot * channels + sum_channel) * 2] = dD_sum;
+    s_channel[(sum_slot * channels + sum_channel) * 2 + 1] = ddelta_bias_sum;
     __syncthreads();
     if (threadIdx.x < valid_channels) {
       acc_t sums[2] = {0, 0};

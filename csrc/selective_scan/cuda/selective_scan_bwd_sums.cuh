@@ -9,7 +9,8 @@ namespace mamba_ext {
 namespace scan_cuda {
 
 // The gradients of one token's activations from the sums over its channel's states (y = sum_n
-// h C, P1 = sum_n A r, P2 = sum_n dh B) and its inputs; dt_raw = delta + delta_bias.
+// h C, P1 = sum_n A r, P2 = sum_n dh B) and its inputs; dt_raw = delta + delta_bias. The
+// nonlinearities are the scan's fast ones (exact in double).
 template <typename acc_t> struct TokenGrads {
   acc_t du, ddelta, dz, dD, ddelta_bias;
 };
@@ -19,15 +20,16 @@ __device__ __forceinline__ TokenGrads<acc_t> token_grads(acc_t u, acc_t dt_raw, 
                                                          bool delta_softplus, acc_t y, acc_t P1,
                                                          acc_t P2) {
   TokenGrads<acc_t> g;
-  const acc_t dt = delta_softplus ? softplus(dt_raw) : dt_raw;
+  const acc_t dt = delta_softplus ? softplus_fast(dt_raw) : dt_raw;
   acc_t gy = dout;
   g.dz = 0;
   if (has_z) {
-    gy = dout * silu(z);
-    g.dz = dout * (y + D * u) * silu_grad(z);
+    const acc_t s = sigmoid_fast(z);  // d/dz silu(z) = s (1 + z (1 - s))
+    gy = dout * z * s;
+    g.dz = dout * (y + D * u) * s * (acc_t(1) + z * (acc_t(1) - s));
   }
   const acc_t ddt = P1 + u * P2;
-  g.ddelta = delta_softplus ? ddt * sigmoid(dt_raw) : ddt;
+  g.ddelta = delta_softplus ? ddt * sigmoid_fast(dt_raw) : ddt;
   g.du = dt * P2 + D * gy;
   g.dD = gy * u;
   g.ddelta_bias = g.ddelta;

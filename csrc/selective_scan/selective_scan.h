@@ -73,7 +73,8 @@ struct SelectiveScanFwdParams {
   bool delta_softplus;
 
   // CUDA only: when not null, the forward also writes the state before each chunk of tokens
-  // (selective_scan_cuda_chunk) here, (batch, dim, nchunks, dstate) in acc_type; the backward restarts
+  // (selective_scan_cuda_checkpoint_tokens) here, (batch, dim, ncheckpoints, dstate) in acc_type; the
+  // backward restarts
   // from these checkpoints instead of keeping every state.
   void* checkpoints = nullptr;
 
@@ -138,6 +139,9 @@ struct SelectiveScanBwdParams : SelectiveScanFwdParams {
 constexpr MAMBA_HOST_DEVICE int selective_scan_cuda_chunk(bool double_precision) {
   return double_precision ? 16 : 32;
 }
+// The backward's chunk, and the forward's checkpoint interval: 16 tokens, so that a backward block
+// of 2 warps needs under 38 KB of shared memory (6 blocks, 12 warps an SM).
+constexpr MAMBA_HOST_DEVICE int selective_scan_cuda_checkpoint_tokens() { return 16; }
 
 struct SelectiveScanCudaGeometry {
   int chunk, states_per_thread, slices, channel_warps, slice_blocks;
@@ -197,7 +201,10 @@ inline int64_t selective_scan_fwd_cuda_segment_len(const SelectiveScanFwdParams&
 }
 inline SelectiveScanCudaGeometry selective_scan_bwd_cuda_geometry(const SelectiveScanFwdParams& p,
                                                                   bool double_precision) {
-  return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision, 16, 4, 2, 2);
+  SelectiveScanCudaGeometry g =
+      selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision, 16, 4, 2, 2);
+  g.chunk = selective_scan_cuda_checkpoint_tokens();
+  return g;
 }
 
 // CPU kernels, instantiated for float, double, c10::Half and c10::BFloat16.

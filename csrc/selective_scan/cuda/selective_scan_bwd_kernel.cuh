@@ -38,8 +38,8 @@ static_assert(kBwdStates == 8, "sub-chunk states are kept as two 4-state vectors
 // The shared memory of a backward block, in bytes from its start.
 template <typename input_t> struct BwdTiles {
   using acc_t = acc_type<input_t>;
-  static constexpr int kChunk = FwdTiles<input_t>::kChunk;
-  static constexpr int kPitch = FwdTiles<input_t>::kPitch;
+  static constexpr int kChunk = selective_scan_cuda_checkpoint_tokens();
+  static constexpr int kPitch = TileRow<input_t, kChunk>::kPitch;
   static constexpr int kSubs = kChunk / kBwdSub;
   static constexpr int kAcc = sizeof(acc_t);
   // A lane's transpose row: {dB, dC} x 8 states of one token, as 4 vectors of 4 whose places
@@ -59,9 +59,11 @@ template <typename input_t> struct BwdTiles {
   __host__ __device__ int raw_BC() const { return 2 * stage_bytes(); }
   __host__ __device__ int BC_acc() const { return raw_BC() + (async_BC ? 2 * states * kPitch : 0); }
   __host__ __device__ int const_stride() const { return states + 16 / kAcc; }
+  // Elements of the staged B (and of C): [kChunk][states] variable, [channels][const_stride]
+  // constant.
   __host__ __device__ int BC_elements() const {
-    return kChunk * states > channels * const_stride() ? kChunk * states
-                                                       : channels * const_stride();
+    const int constant = constant_BC ? channels * const_stride() : 0;
+    return kChunk * states > constant ? kChunk * states : constant;
   }
   // [kSubs][2 halves][threads] 16-byte vectors of states (conflict-free per lane).
   __host__ __device__ int starts() const { return BC_acc() + 2 * BC_elements() * kAcc; }
@@ -112,7 +114,7 @@ __global__ void __launch_bounds__(128, 3)
                               const BwdTiles<input_t> tiles, const BwdVectorized vec) {
   using acc_t = acc_type<input_t>;
   using Tiles = BwdTiles<input_t>;
-  constexpr int kChunk = Tiles::kChunk, kPitch = FwdTiles<input_t>::kPitchElements;
+  constexpr int kChunk = Tiles::kChunk, kPitch = TileRow<input_t, kChunk>::kPitchElements;
   constexpr int kSubs = Tiles::kSubs, kRow = Tiles::kRow, kSumStride = Tiles::kLaneSumStride;
   using State4 = Acc4<acc_t>;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -142,7 +144,7 @@ __global__ void __launch_bounds__(128, 3)
   const acc_t* checkpoint_row = static_cast<const acc_t*>(p.checkpoints) +
                                 (pos.batch * p.dim + channel) * nchunks * p.dstate + pos.state0;
 
-  const StateInputStage<input_t> BC(smem + tiles.raw_BC(), smem + tiles.BC_acc(),
+  const StateInputStage<input_t, kChunk> BC(smem + tiles.raw_BC(), smem + tiles.BC_acc(),
                                     tiles.BC_elements(), p, pos, tiles.const_stride(),
                                     tiles.async_BC);
   State4* s_starts = reinterpret_cast<State4*>(smem + tiles.starts());  // [kSubs][2][threads]
@@ -172,7 +174,7 @@ __global__ void __launch_bounds__(128, 3)
     const bool vectorized[4] = {vec.u, vec.delta, vec.z, vec.dout};
     for (int which = 0; which < 4; ++which, tile += channels * kPitch)
       if (sources[which] != nullptr)
-        load_tile(tile, sources[which], dim_strides[which], seqlen_strides[which], channels,
+        load_tile<kChunk>(tile, sources[which], dim_strides[which], seqlen_strides[which], channels,
                   valid_channels, token0, p.seqlen, vectorized[which]);
     if (seq_row != nullptr) {
       int32_t* s_seq = reinterpret_cast<int32_t*>(stage + 4 * tiles.tile_bytes());
@@ -499,13 +501,13 @@ __global__ void __launch_bounds__(128, 3)
       auto out_rows = [&](void* ptr, int64_t batch_stride, int64_t dim_stride) {
         return static_cast<input_t*>(ptr) + pos.batch * batch_stride + pos.channel0 * dim_stride;
       };
-      store_tile(tile_u, out_rows(p.du, p.du_batch_stride, p.du_dim_stride), p.du_dim_stride,
+      store_tile<kChunk>(tile_u, out_rows(p.du, p.du_batch_stride, p.du_dim_stride), p.du_dim_stride,
                  p.du_seqlen_stride, valid_channels, token0, p.seqlen, vec.du);
-      store_tile(tile_delta, out_rows(p.ddelta, p.ddelta_batch_stride, p.ddelta_dim_stride),
+      store_tile<kChunk>(tile_delta, out_rows(p.ddelta, p.ddelta_batch_stride, p.ddelta_dim_stride),
                  p.ddelta_dim_stride, p.ddelta_seqlen_stride, valid_channels, token0, p.seqlen,
                  vec.ddelta);
       if (has_z)
-        store_tile(tile_z, out_rows(p.dz, p.dz_batch_stride, p.dz_dim_stride), p.dz_dim_stride,
+        store_tile<kChunk>(tile_z, out_rows(p.dz, p.dz_batch_stride, p.dz_dim_stride), p.dz_dim_stride,
                    p.dz_seqlen_stride, valid_channels, token0, p.seqlen, vec.dz);
     }
   }

@@ -278,12 +278,13 @@ __device__ __forceinline__ void load_start_state(acc_t (&h)[kStates],
                      p.initial_state_dstate_stride, p, pos);
 }
 
-// The state before chunk `chunk_index` in the checkpoints, (batch, dim, nchunks, dstate).
+// Checkpoint `index` (the state before token index * selective_scan_cuda_checkpoint_tokens())
+// in the checkpoints, (batch, dim, ncheckpoints, dstate).
 __device__ __forceinline__ int64_t checkpoint_offset(const SelectiveScanFwdParams& p,
-                                                     const BlockPosition& pos, int64_t nchunks,
-                                                     int64_t chunk_index) {
+                                                     const BlockPosition& pos,
+                                                     int64_t ncheckpoints, int64_t index) {
   const int64_t channel = pos.channel0 + pos.channel_in_block;
-  return ((pos.batch * p.dim + channel) * nchunks + chunk_index) * p.dstate;
+  return ((pos.batch * p.dim + channel) * ncheckpoints + index) * p.dstate;
 }
 
 }  // namespace scan_cuda

@@ -38,14 +38,20 @@ struct FwdVectorized {
   bool u, delta, z, out, B, C;
 };
 
+// A tile row of kChunk tokens: their bytes and 16 more, an odd multiple of 16 bytes, so that 8
+// lanes reading 16 bytes of 8 rows hit distinct banks.
+template <typename input_t, int kChunk> struct TileRow {
+  static_assert(kChunk * sizeof(input_t) % 32 == 0, "a tile row must be an odd multiple of 16 B");
+  static constexpr int kPitch = kChunk * sizeof(input_t) + 16;
+  static constexpr int kPitchElements = kPitch / sizeof(input_t);
+};
+
 // The shared memory of a block, in bytes from its start.
 template <typename input_t> struct FwdTiles {
   using acc_t = acc_type<input_t>;
   static constexpr int kChunk = selective_scan_cuda_chunk(sizeof(acc_t) == 8);
-  // A tile row: kChunk tokens and 16 bytes, an odd multiple of 16 bytes, so that 8 lanes
-  // reading 16 bytes of 8 rows hit distinct banks.
-  static constexpr int kPitch = kChunk * sizeof(input_t) + 16;
-  static constexpr int kPitchElements = kPitch / sizeof(input_t);
+  static constexpr int kPitch = TileRow<input_t, kChunk>::kPitch;
+  static constexpr int kPitchElements = TileRow<input_t, kChunk>::kPitchElements;
   int channels, states, slices;
   bool async_BC;
 
@@ -85,12 +91,11 @@ template <typename T> __device__ __forceinline__ Vec16<T> load_vec16(const T* sm
 // Rows [0, rows) x tokens [token0, token0 + kChunk) of a (row, token) matrix at `base` into
 // tile[rows][kPitchElements]; zeros for rows >= valid_rows and tokens >= seqlen. Vectorised:
 // asynchronous 16-byte copies; otherwise element by element.
-template <typename input_t>
+template <int kChunk, typename input_t>
 __device__ __forceinline__ void load_tile(input_t* tile, const input_t* base, int64_t row_stride,
                                           int64_t token_stride, int rows, int valid_rows,
                                           int64_t token0, int64_t seqlen, bool vectorized) {
-  constexpr int kChunk = FwdTiles<input_t>::kChunk;
-  constexpr int kPitch = FwdTiles<input_t>::kPitchElements;
+  constexpr int kPitch = TileRow<input_t, kChunk>::kPitchElements;
   constexpr int kPerVec = Vec16<input_t>::kSize, kVecs = kChunk / kPerVec;
   if (vectorized) {
     for (int e = threadIdx.x; e < rows * kVecs; e += blockDim.x) {
@@ -117,12 +122,11 @@ __device__ __forceinline__ void load_tile(input_t* tile, const input_t* base, in
 // The reverse of load_tile: rows [0, rows) x tokens [token0, min(token0 + kChunk, seqlen)) of
 // tile[rows][kPitchElements] to the (row, token) matrix at `base`, by coalesced 16-byte stores
 // when vectorised.
-template <typename input_t>
+template <int kChunk, typename input_t>
 __device__ __forceinline__ void store_tile(const input_t* tile, input_t* base, int64_t row_stride,
                                            int64_t token_stride, int rows, int64_t token0,
                                            int64_t seqlen, bool vectorized) {
-  constexpr int kChunk = FwdTiles<input_t>::kChunk;
-  constexpr int kPitch = FwdTiles<input_t>::kPitchElements;
+  constexpr int kPitch = TileRow<input_t, kChunk>::kPitchElements;
   constexpr int kPerVec = Vec16<input_t>::kSize, kVecs = kChunk / kPerVec;
   if (vectorized) {
     for (int e = threadIdx.x; e < rows * kVecs; e += blockDim.x) {
@@ -150,10 +154,9 @@ __device__ __forceinline__ void store_tile(const input_t* tile, input_t* base, i
 // (`async`) and are converted, or are read from global memory when they would not fit. A
 // constant B or C sits in the same place as [channel][const_stride] for the whole kernel.
 // Shared by the forward and the backward kernels.
-template <typename input_t> struct StateInputStage {
+template <typename input_t, int kChunk> struct StateInputStage {
   using acc_t = acc_type<input_t>;
-  static constexpr int kChunk = FwdTiles<input_t>::kChunk;
-  static constexpr int kPitch = FwdTiles<input_t>::kPitchElements;
+  static constexpr int kPitch = TileRow<input_t, kChunk>::kPitchElements;
   input_t *raw_B, *raw_C;
   acc_t *s_B, *s_C;
   const input_t *B_rows, *C_rows;  // the block's batch, group and first state
@@ -183,10 +186,10 @@ template <typename input_t> struct StateInputStage {
                         bool vec_B, bool vec_C) const {
     if (!async) return;
     if (p.is_variable_B)
-      load_tile(raw_B, B_rows, p.B_dstate_stride, p.B_seqlen_stride, states, valid_states, token0,
+      load_tile<kChunk>(raw_B, B_rows, p.B_dstate_stride, p.B_seqlen_stride, states, valid_states, token0,
                 token_end, vec_B);
     if (p.is_variable_C)
-      load_tile(raw_C, C_rows, p.C_dstate_stride, p.C_seqlen_stride, states, valid_states, token0,
+      load_tile<kChunk>(raw_C, C_rows, p.C_dstate_stride, p.C_seqlen_stride, states, valid_states, token0,
                 token_end, vec_C);
   }
 
@@ -275,7 +278,7 @@ __global__ void __launch_bounds__(512, 1)
   const int32_t* seq_row =
       p.seq_idx == nullptr ? nullptr : p.seq_idx + pos.batch * p.seq_idx_batch_stride;
 
-  const StateInputStage<input_t> BC(smem + tiles.raw_BC(), smem + tiles.BC_acc(),
+  const StateInputStage<input_t, kChunk> BC(smem + tiles.raw_BC(), smem + tiles.BC_acc(),
                                     tiles.BC_elements(), p, pos, tiles.const_stride(),
                                     tiles.async_BC);
   acc_t* s_y = reinterpret_cast<acc_t*>(smem + tiles.y_partials());  // [slices][kChunk][channels]
@@ -285,14 +288,14 @@ __global__ void __launch_bounds__(512, 1)
     const int64_t token0 = chunk_index * kChunk;
     unsigned char* stage = smem + tiles.stage(s);
     input_t* tile = reinterpret_cast<input_t*>(stage);
-    load_tile(tile, u_rows, p.u_dim_stride, p.u_seqlen_stride, channels, valid_channels, token0,
+    load_tile<kChunk>(tile, u_rows, p.u_dim_stride, p.u_seqlen_stride, channels, valid_channels, token0,
               token_end, vec.u);
     tile += channels * kPitch;
-    load_tile(tile, delta_rows, p.delta_dim_stride, p.delta_seqlen_stride, channels,
+    load_tile<kChunk>(tile, delta_rows, p.delta_dim_stride, p.delta_seqlen_stride, channels,
               valid_channels, token0, token_end, vec.delta);
     tile += channels * kPitch;
     if (z_rows != nullptr)
-      load_tile(tile, z_rows, p.z_dim_stride, p.z_seqlen_stride, channels, valid_channels, token0,
+      load_tile<kChunk>(tile, z_rows, p.z_dim_stride, p.z_seqlen_stride, channels, valid_channels, token0,
                 token_end, vec.z);
     if (seq_row != nullptr) {
       int32_t* s_seq = reinterpret_cast<int32_t*>(stage + 3 * tiles.tile_bytes());
@@ -341,7 +344,12 @@ __global__ void __launch_bounds__(512, 1)
   acc_t dt_sum = 0;
   bool restarted = false;
 
-  const int64_t nchunks = g.chunks(p.seqlen);  // of the whole sequence (checkpoint rows)
+  // Checkpoint rows of the whole sequence: the state before every kCheckpoint-th token.
+  constexpr int kCheckpoint = selective_scan_cuda_checkpoint_tokens();
+  static_assert(kChunk % kCheckpoint == 0 && kCheckpoint % kPerVec == 0,
+                "checkpoints fall on vector starts of every chunk");
+  const int64_t checkpoint_row =
+      checkpoint_offset(p, pos, (p.seqlen + kCheckpoint - 1) / kCheckpoint, 0);
   const int64_t chunk_begin = token_begin / kChunk, chunk_end = g.chunks(token_end);
   if (chunk_begin < chunk_end) issue_loads(chunk_begin, chunk_begin & 1);
   for (int64_t chunk_index = chunk_begin; chunk_index < chunk_end; ++chunk_index) {
@@ -356,9 +364,6 @@ __global__ void __launch_bounds__(512, 1)
     BC.stage(p, token0, token_end);
     __syncthreads();
     if (chunk_index + 1 < chunk_end) issue_loads(chunk_index + 1, (chunk_index + 1) & 1);
-    if (p.checkpoints != nullptr)
-      store_thread_states(h, p.checkpoints, checkpoint_offset(p, pos, nchunks, chunk_index), 1,
-                          p, pos);
 
     input_t* row_u = tile_u + c * kPitch;
     const int chunk_tokens =
@@ -368,6 +373,11 @@ __global__ void __launch_bounds__(512, 1)
     const bool odd = pos.lane_slice != 0;
 #pragma unroll 1
     for (int v = 0; v < kVecs; ++v) {
+      if (p.checkpoints != nullptr && v * kPerVec % kCheckpoint == 0 &&
+          token0 + v * kPerVec < token_end)
+        store_thread_states(h, p.checkpoints,
+                            checkpoint_row + (token0 + v * kPerVec) / kCheckpoint * p.dstate, 1,
+                            p, pos);
       const Vec16<input_t> u_v = load_vec16(row_u + v * kPerVec);
       const Vec16<input_t> delta_v = load_vec16(row_u + channels * kPitch + v * kPerVec);
       Vec16<input_t> z_v;
@@ -459,7 +469,7 @@ __global__ void __launch_bounds__(512, 1)
       }
     }
     __syncthreads();
-    store_tile(tile_u, static_cast<input_t*>(p.out) + pos.batch * p.out_batch_stride +
+    store_tile<kChunk>(tile_u, static_cast<input_t*>(p.out) + pos.batch * p.out_batch_stride +
                            pos.channel0 * p.out_dim_stride,
                p.out_dim_stride, p.out_seqlen_stride, valid_channels, token0, token_end, vec.out);
   }

@@ -244,7 +244,9 @@ template <typename input_t, int kChunk> struct StateInputStage {
 
 // At most 128 registers: 4 blocks of 128 threads an SM at dstate <= 16, 16 warps of 512 at 256.
 // kPacked: seq_idx given; the sequence checks stay out of the token loop of plain batches.
-template <typename input_t, bool kPacked>
+// kCheckpoints: the backward's checkpoint pass (no output); its stores stay out of the
+// forward's token loop (they cost it 7%).
+template <typename input_t, bool kPacked, bool kCheckpoints>
 __global__ void __launch_bounds__(512, 1)
     selective_scan_fwd_kernel(const SelectiveScanFwdParams p, const SelectiveScanCudaGeometry g,
                               const FwdTiles<input_t> tiles, const FwdVectorized vec) {
@@ -259,7 +261,7 @@ __global__ void __launch_bounds__(512, 1)
   const int64_t channel = pos.channel0 + c;
   const int valid_channels = static_cast<int>(
       pos.group_end - pos.channel0 < channels ? pos.group_end - pos.channel0 : channels);
-  const bool has_out = p.out != nullptr, per_sequence = p.num_sequences > 0;
+  const bool has_out = !kCheckpoints && p.out != nullptr, per_sequence = p.num_sequences > 0;
   // The block's tokens: its segment of the sequence (all of it without length parallelism).
   const int64_t segment = blockIdx.z, token_begin = segment * p.segment_len;
   const int64_t token_end = p.segment_len == 0 || token_begin + p.segment_len > p.seqlen
@@ -373,8 +375,7 @@ __global__ void __launch_bounds__(512, 1)
     const bool odd = pos.lane_slice != 0;
 #pragma unroll 1
     for (int v = 0; v < kVecs; ++v) {
-      if (p.checkpoints != nullptr && v * kPerVec % kCheckpoint == 0 &&
-          token0 + v * kPerVec < token_end)
+      if (kCheckpoints && v * kPerVec % kCheckpoint == 0 && token0 + v * kPerVec < token_end)
         store_thread_states(h, p.checkpoints,
                             checkpoint_row + (token0 + v * kPerVec) / kCheckpoint * p.dstate, 1,
                             p, pos);
@@ -558,8 +559,11 @@ cudaError_t launch_selective_scan_fwd(const SelectiveScanFwdParams& p,
                                            p.out_seqlen_stride);
   state_inputs_vectorized<input_t>(p, vec.B, vec.C);
   const size_t smem = tiles.total();
-  auto kernel = p.seq_idx ? &selective_scan_fwd_kernel<input_t, true>
-                          : &selective_scan_fwd_kernel<input_t, false>;
+  const bool checkpoints = p.checkpoints != nullptr;
+  auto kernel = p.seq_idx ? (checkpoints ? &selective_scan_fwd_kernel<input_t, true, true>
+                                         : &selective_scan_fwd_kernel<input_t, true, false>)
+                          : (checkpoints ? &selective_scan_fwd_kernel<input_t, false, true>
+                                         : &selective_scan_fwd_kernel<input_t, false, false>);
   cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (error != cudaSuccess) return error;

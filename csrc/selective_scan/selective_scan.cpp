@@ -408,6 +408,23 @@ BwdGrads selective_scan_bwd_cpu_op(const at::Tensor& dout,
 
 
 #ifdef MAMBA_EXT_WITH_CUDA
+// The forward's length parallelism when batch x dim gives too few warps (selective_scan.h): sets
+// the segments in p and holds their scratch. The backward's checkpoint pass uses it too.
+struct ForwardSegments {
+  at::Tensor states, dt;
+  ForwardSegments(SelectiveScanFwdParams& p, const at::Tensor& u, const at::Tensor& A) {
+    const int64_t segment_len =
+        selective_scan_fwd_cuda_segment_len(p, u.scalar_type() == at::kDouble);
+    if (segment_len == 0) return;
+    p.segment_len = segment_len;
+    p.segments = (p.seqlen + segment_len - 1) / segment_len;
+    states = at::empty({p.batch, p.segments, p.dim, p.dstate}, A.options());
+    dt = at::empty({p.batch, p.segments, p.dim}, A.options());
+    p.segment_states = states.data_ptr();
+    p.segment_dt = dt.data_ptr();
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cuda_op(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
@@ -417,19 +434,7 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cuda_op(
   FwdCall call = prepare_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
                              num_sequences, delta_softplus);
   if (call.out.numel() == 0 && call.last_state.numel() == 0) return {call.out, call.last_state};
-  // Length parallelism when batch x dim gives too few warps (selective_scan.h).
-  SelectiveScanFwdParams& p = call.params;
-  const int64_t segment_len =
-      selective_scan_fwd_cuda_segment_len(p, u.scalar_type() == at::kDouble);
-  at::Tensor segment_states, segment_dt;
-  if (segment_len > 0) {
-    p.segment_len = segment_len;
-    p.segments = (p.seqlen + segment_len - 1) / segment_len;
-    segment_states = at::empty({p.batch, p.segments, p.dim, p.dstate}, A.options());
-    segment_dt = at::empty({p.batch, p.segments, p.dim}, A.options());
-    p.segment_states = segment_states.data_ptr();
-    p.segment_dt = segment_dt.data_ptr();
-  }
+  const ForwardSegments segments(call.params, u, A);
   cudaError_t error = cudaSuccess;
   MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kFwdOp, [&] {
     error = selective_scan_fwd_cuda<cuda_type<input_t>>(call.params,
@@ -461,7 +466,17 @@ BwdGrads selective_scan_bwd_cuda_op(const at::Tensor& dout,
   // order; otherwise every block adds into one zeroed slot with atomics.
   p.deterministic = at::globalContext().deterministicAlgorithms();
   p.BC_slots = p.deterministic ? g.channel_blocks_per_group : 1;
-  p.weight_slots = p.deterministic ? s.batch : 1;
+  const int64_t reverse_segment_len = selective_scan_bwd_cuda_reverse_segment_len(p, g);
+  at::Tensor segment_dh, segment_decay;
+  if (reverse_segment_len > 0) {
+    p.reverse_segment_len = reverse_segment_len;
+    p.reverse_segments = (s.seqlen + reverse_segment_len - 1) / reverse_segment_len;
+    segment_dh = at::empty({p.reverse_segments, s.batch, s.dim, s.dstate}, A.options());
+    segment_decay = at::empty_like(segment_dh);
+    p.segment_dh = segment_dh.data_ptr();
+    p.segment_decay = segment_decay.data_ptr();
+  }
+  p.weight_slots = p.deterministic ? s.batch * p.reverse_segments : 1;
   const at::TensorOptions acc = A.options();
   auto scratch = [&](std::initializer_list<int64_t> sizes) {
     return p.deterministic ? at::empty(sizes, acc) : at::zeros(sizes, acc);
@@ -482,6 +497,7 @@ BwdGrads selective_scan_bwd_cuda_op(const at::Tensor& dout,
   p.weight_partials = weight_partials.data_ptr();
   p.channel_partials = channel_partials.data_ptr();
   p.slice_partials = slice_partials.data_ptr();
+  const ForwardSegments checkpoint_segments(p, u, A);
   if (s.batch * s.dim == 0) {
     // No token to scan: the sums are empty.
     for (at::Tensor* grad : {&std::get<2>(call.grads), &std::get<3>(call.grads),

@@ -128,6 +128,17 @@ struct SelectiveScanBwdParams : SelectiveScanFwdParams {
   void* slice_partials = nullptr;    // (slice_blocks, 3, batch, dim, seqlen) when slice_blocks > 1
   int64_t BC_slots = 1, weight_slots = 1;
   bool deterministic = false;
+
+  // CUDA only, length parallelism of the reverse pass (plain batches, one slice block) when
+  // batch x dim gives too few warps: `reverse_segments` of reverse_segment_len tokens (a multiple
+  // of the chunk), grid z. Pass 1 runs segments > 0 backwards from dh = 0 and writes the dh it
+  // reaches at the segment's start and the segment's decay exp(A sum dt); a combine kernel turns
+  // them into the dh each segment ends with; pass 2 runs every segment from that dh. Slots of
+  // deterministic weight sums: one per (batch, segment).
+  int64_t reverse_segment_len = 0, reverse_segments = 1;
+  int reverse_pass = 0;          // 0: no segments; 1, 2: the passes
+  void* segment_dh = nullptr;    // (reverse_segments, batch, dim, dstate) acc_type
+  void* segment_decay = nullptr; // likewise
 };
 
 // The CUDA kernels' blocking, shared by the launchers and the host code that sizes the scratch.
@@ -196,6 +207,18 @@ inline int64_t selective_scan_fwd_cuda_segment_len(const SelectiveScanFwdParams&
   const int64_t target_warps = 132 * 16, nchunks = g.chunks(p.seqlen);
   if (warps == 0 || 2 * warps >= target_warps) return 0;
   const int64_t segments = std::min<int64_t>((target_warps + warps - 1) / warps, nchunks / 4);
+  if (segments < 2) return 0;
+  return (nchunks + segments - 1) / segments * g.chunk;
+}
+// Segment length of the reverse pass's length parallelism (0: none): as the forward's, with the
+// backward's 12 warps an SM, segments of at least 8 chunks; plain batches with one slice block.
+inline int64_t selective_scan_bwd_cuda_reverse_segment_len(const SelectiveScanFwdParams& p,
+                                                           const SelectiveScanCudaGeometry& g) {
+  if (p.seq_idx != nullptr || g.slice_blocks > 1) return 0;
+  const int64_t warps = p.batch * p.ngroups * g.channel_blocks_per_group * g.threads() / 32;
+  const int64_t target_warps = 132 * 12, nchunks = g.chunks(p.seqlen);
+  if (warps == 0 || 2 * warps >= target_warps) return 0;
+  const int64_t segments = std::min<int64_t>((target_warps + warps - 1) / warps, nchunks / 8);
   if (segments < 2) return 0;
   return (nchunks + segments - 1) / segments * g.chunk;
 }

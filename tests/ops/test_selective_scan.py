@@ -68,6 +68,8 @@ BACKWARD_CASES = [
     Case(seqlen=40, dim=40, ngroups=2, dstate=256, batch=1, initial_state=True, strided=True),
     Case(seqlen=65, dim=4, dstate=16, B="constant", C="constant", D=False, z=False,
          delta_bias=False, delta_softplus=False),
+    # Few channels, long: the CUDA backward's reverse pass runs in 23 segments, the last short.
+    Case(batch=1, seqlen=3001, dim=8, dstate=16, initial_state=True),
 ]
 
 

@@ -119,7 +119,10 @@ __global__ void __launch_bounds__(128, 3)
   using State4 = Acc4<acc_t>;
   extern __shared__ __align__(16) unsigned char smem[];
 
-  const BlockPosition pos = block_position(p, g, blockIdx.z);
+  // Grid z: the slice block, or the reverse pass's segment (pass 1 runs segments 1, 2, ...).
+  const bool segmented = p.reverse_segments > 1, light = p.reverse_pass == 1;
+  const BlockPosition pos = block_position(p, g, segmented ? 0 : blockIdx.z);
+  const int64_t segment = segmented ? blockIdx.z + (light ? 1 : 0) : 0;
   const int c = pos.channel_in_block, channels = pos.channels;
   const int64_t channel = pos.channel0 + c;
   const int valid_channels = static_cast<int>(
@@ -221,9 +224,16 @@ __global__ void __launch_bounds__(128, 3)
   // the start state of the sequence after it (written to dinitial_state[id] in per-sequence
   // mode) and restarts from that sequence's dlast_state (per-sequence mode; per-row mode: at the
   // row's end only).
-  load_thread_states(dh, per_sequence ? nullptr : p.dlast_state,
-                     pos.batch * p.dlast_state_batch_stride + channel * p.dlast_state_dim_stride,
-                     p.dlast_state_dstate_stride, p, pos);
+  // A segment before the last starts from the dh its end receives (pass 2) or 0 (pass 1).
+  const int64_t segment_row = (segment * p.batch + pos.batch) * p.dim + channel;
+  const bool last_segment = segment + 1 == p.reverse_segments;
+  if (last_segment)
+    load_thread_states(dh, per_sequence ? nullptr : p.dlast_state,
+                       pos.batch * p.dlast_state_batch_stride + channel * p.dlast_state_dim_stride,
+                       p.dlast_state_dstate_stride, p, pos);
+  else
+    load_thread_states(dh, light ? nullptr : p.segment_dh, (segment_row + p.dim * p.batch) *
+                       p.dstate, 1, p, pos);
   int64_t next_seq = kNoSequence;  // the sequence of the token after
   auto store_dinitial = [&](int64_t row) {
     store_thread_states(dh, p.dinitial_state,
@@ -248,8 +258,12 @@ __global__ void __launch_bounds__(128, 3)
   const acc_t D_own = channel_valid ? channel_weight<acc_t>(p.D, p.D_stride, channel) : acc_t(0);
   acc_t dD_sum = 0, ddelta_bias_sum = 0;
 
-  if (nchunks > 0) issue_loads(nchunks - 1, (nchunks - 1) & 1);
-  for (int64_t chunk_index = nchunks - 1; chunk_index >= 0; --chunk_index) {
+  acc_t dt_total = 0;  // pass 1: the segment's sum of dt
+  const int64_t segment_chunks = segmented ? p.reverse_segment_len / kChunk : nchunks;
+  const int64_t chunk_lo = segment * segment_chunks;
+  const int64_t chunk_hi = chunk_lo + segment_chunks < nchunks ? chunk_lo + segment_chunks : nchunks;
+  if (chunk_lo < chunk_hi) issue_loads(chunk_hi - 1, (chunk_hi - 1) & 1);
+  for (int64_t chunk_index = chunk_hi - 1; chunk_index >= chunk_lo; --chunk_index) {
     const int64_t token0 = chunk_index * kChunk;
     unsigned char* stage = smem + tiles.stage(chunk_index & 1);
     input_t* tile_u = reinterpret_cast<input_t*>(stage);
@@ -263,7 +277,7 @@ __global__ void __launch_bounds__(128, 3)
     __syncthreads();  // this chunk's tiles are in; every thread is done with the last chunk
     BC.stage(p, token0, p.seqlen);
     __syncthreads();
-    if (chunk_index > 0) issue_loads(chunk_index - 1, (chunk_index - 1) & 1);
+    if (chunk_index > chunk_lo) issue_loads(chunk_index - 1, (chunk_index - 1) & 1);
     const int chunk_tokens =
         static_cast<int>(p.seqlen - token0 < kChunk ? p.seqlen - token0 : kChunk);
     const int64_t seq_before =
@@ -305,6 +319,22 @@ __global__ void __launch_bounds__(128, 3)
       dD_sum += grads.dD;
       ddelta_bias_sum += grads.ddelta_bias;
     };
+
+    if (light) {
+      // Segment pass 1: dh alone, last token first (both lanes of a pair compute dt and gy).
+      for (int t = chunk_tokens - 1; t >= 0; --t) {
+        acc_t dt = to_acc(row_delta[t]) + bias;
+        if (p.delta_softplus) dt = softplus_fast(dt);
+        acc_t gy = to_acc(tile_dout[c * kPitch + t]);
+        if (has_z) gy *= silu_fast(to_acc(tile_z[c * kPitch + t]));
+        acc_t C[kBwdStates];
+        load_smem_states(C, C_base + t * C_token_stride);
+#pragma unroll
+        for (int i = 0; i < kBwdStates; ++i) dh[i] = (dh[i] + gy * C[i]) * exp2_approx(dt * A2[i]);
+        dt_total += dt;
+      }
+      continue;
+    }
 
     // Pass A: replay the chunk from its checkpoint, keeping the state before each sub-chunk.
     {
@@ -512,12 +542,20 @@ __global__ void __launch_bounds__(128, 3)
     }
   }
 
-  // dh is now the gradient of the state before token 0.
-  if (!per_sequence)
+  if (light) {
+    // dh at the segment's start from dh = 0 at its end, and the segment's decay exp(A sum dt).
+    store_thread_states(dh, p.segment_dh, segment_row * p.dstate, 1, p, pos);
+#pragma unroll
+    for (int i = 0; i < kBwdStates; ++i) dh[i] = exp2_approx(A2[i] * dt_total);
+    store_thread_states(dh, p.segment_decay, segment_row * p.dstate, 1, p, pos);
+    return;
+  }
+  // dh is now the gradient of the state before the segment's first token.
+  if (!per_sequence && segment == 0)
     store_dinitial(pos.batch);
   else if (next_seq >= 0)
     store_dinitial(next_seq);
-  const int64_t weight_slot = p.deterministic ? pos.batch : 0;
+  const int64_t weight_slot = p.deterministic ? pos.batch * p.reverse_segments + segment : 0;
   if (channel_valid) {
     acc_t* weights =
         static_cast<acc_t*>(p.weight_partials) + (weight_slot * p.dim + channel) * 3 * p.dstate;
@@ -585,8 +623,24 @@ cudaError_t run_selective_scan_bwd(const SelectiveScanBwdParams& p, cudaStream_t
                           : &selective_scan_bwd_kernel<input_t, false>;
   error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (error != cudaSuccess) return error;
-  const dim3 grid(g.channel_blocks_per_group * p.ngroups, p.batch, g.slice_blocks);
-  kernel<<<grid, g.threads(), smem, stream>>>(p, g, tiles, vec);
+  const int64_t grid_x = g.channel_blocks_per_group * p.ngroups;
+  if (p.reverse_segments > 1) {
+    SelectiveScanBwdParams pass = p;
+    pass.reverse_pass = 1;
+    kernel<<<dim3(grid_x, p.batch, p.reverse_segments - 1), g.threads(), smem, stream>>>(
+        pass, g, tiles, vec);
+    if ((error = cudaGetLastError()) != cudaSuccess) return error;
+    const int64_t threads = p.batch * p.dim * p.dstate;
+    selective_scan_bwd_combine_segments_kernel<acc_t>
+        <<<(threads + 255) / 256, 256, 0, stream>>>(p);
+    if ((error = cudaGetLastError()) != cudaSuccess) return error;
+    pass.reverse_pass = 2;
+    kernel<<<dim3(grid_x, p.batch, p.reverse_segments), g.threads(), smem, stream>>>(pass, g,
+                                                                                   tiles, vec);
+  } else {
+    kernel<<<dim3(grid_x, p.batch, g.slice_blocks), g.threads(), smem, stream>>>(p, g, tiles,
+                                                                                vec);
+  }
   if ((error = cudaGetLastError()) != cudaSuccess) return error;
   if (g.slice_blocks > 1) {
     selective_scan_bwd_finish_kernel<input_t>

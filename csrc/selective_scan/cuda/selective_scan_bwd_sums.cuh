@@ -55,6 +55,31 @@ __device__ __forceinline__ void write_slot(acc_t* dst, acc_t v, bool determinist
   }
 }
 
+// The reverse pass's segments (selective_scan.h): from pass 1's dh at each segment's start
+// (from 0 at its end) and its decay, the dh each segment ends with, into the next segment's row
+// of segment_dh. A thread per (batch, channel, state): end(s - 1) = start(s) + decay(s) end(s),
+// end(last) = dlast_state.
+template <typename acc_t>
+__global__ void __launch_bounds__(256)
+    selective_scan_bwd_combine_segments_kernel(const SelectiveScanBwdParams p) {
+  const int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (index >= p.batch * p.dim * p.dstate) return;
+  const int64_t n = index % p.dstate, channel = index / p.dstate % p.dim,
+                batch = index / (p.dstate * p.dim);
+  acc_t* dh = static_cast<acc_t*>(p.segment_dh);
+  const acc_t* decay = static_cast<const acc_t*>(p.segment_decay);
+  acc_t end = p.dlast_state == nullptr
+                  ? acc_t(0)
+                  : static_cast<const acc_t*>(p.dlast_state)[batch * p.dlast_state_batch_stride +
+                                                             channel * p.dlast_state_dim_stride +
+                                                             n * p.dlast_state_dstate_stride];
+  for (int64_t s = p.reverse_segments - 1; s >= 1; --s) {
+    const int64_t at = ((s * p.batch + batch) * p.dim + channel) * p.dstate + n;
+    end = dh[at] + decay[at] * end;
+    dh[at] = end;
+  }
+}
+
 // When the state slices spanned several blocks: adds their sums and finishes du, ddelta, dz,
 // and the channel's dD and ddelta_bias. One block per (channel, batch).
 template <typename input_t>

@@ -472,7 +472,7 @@ BwdGrads selective_scan_bwd_cuda_op(const at::Tensor& dout,
     p.reverse_segment_len = reverse_segment_len;
     p.reverse_segments = (s.seqlen + reverse_segment_len - 1) / reverse_segment_len;
     segment_dh = at::empty({p.reverse_segments, s.batch, s.dim, s.dstate}, A.options());
-    segment_decay = at::empty_like(segment_dh);
+    segment_decay = at::empty({p.reverse_segments, s.batch, s.dim, s.dstate}, A.options());
     p.segment_dh = segment_dh.data_ptr();
     p.segment_decay = segment_decay.data_ptr();
   }

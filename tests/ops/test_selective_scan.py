@@ -513,15 +513,16 @@ def test_cuda_more_than_2_31_elements():
     torch.testing.assert_close(last[:, tail], last_part, rtol=0, atol=0)
     del out
     grads = torch.ops.mamba_ext.selective_scan_bwd(dout, None, *full, None, 0, True)
-    grads_part = torch.ops.mamba_ext.selective_scan_bwd(dout[:, tail].contiguous(), None, *part,
-                                                        None, 0, True)
-    # du, ddelta, dA, dD, ddelta_bias of a channel depend on that channel only.
+    # du, ddelta, dA, dD, ddelta_bias of a channel depend on that channel only: the tail's
+    # against the CPU kernel in float64 on those channels (the two runs cut the sequence into
+    # different segments, so they need not agree bit for bit).
+    as_double = [None if t is None else t.double().cpu() for t in part]
+    grads_ref = torch.ops.mamba_ext.selective_scan_bwd(dout[:, tail].double().cpu(), None,
+                                                       *as_double, None, 0, True)
     for index, name in ((0, "du"), (1, "ddelta")):
-        torch.testing.assert_close(grads[index][:, tail], grads_part[index], rtol=0, atol=0,
-                                   msg=name)
+        assert_close(grads[index][:, tail].cpu(), grads_ref[index], torch.bfloat16, name)
     for index, name in ((2, "dA"), (5, "dD"), (7, "ddelta_bias")):
-        torch.testing.assert_close(grads[index][tail], grads_part[index], rtol=1e-5, atol=1e-6,
-                                   msg=name)
+        assert_close(grads[index][tail].cpu(), grads_ref[index], torch.float32, name)
 
 
 # --- packed variable-length batches: seq_idx (per-row states) and num_sequences / cu_seqlens

@@ -258,7 +258,11 @@ __global__ void __launch_bounds__(128, 3)
   const acc_t D_own = channel_valid ? channel_weight<acc_t>(p.D, p.D_stride, channel) : acc_t(0);
   acc_t dD_sum = 0, ddelta_bias_sum = 0;
 
-  acc_t dt_total = 0;  // pass 1: the segment's sum of dt
+  // Pass 1: the segment's decay, the product of its tokens' exp(dt A) (the very factors the
+  // recurrence applies: exp(A sum dt) would differ by the rounding of the sum).
+  acc_t decay[kBwdStates];
+#pragma unroll
+  for (int i = 0; i < kBwdStates; ++i) decay[i] = 1;
   const int64_t segment_chunks = segmented ? p.reverse_segment_len / kChunk : nchunks;
   const int64_t chunk_lo = segment * segment_chunks;
   const int64_t chunk_hi = chunk_lo + segment_chunks < nchunks ? chunk_lo + segment_chunks : nchunks;
@@ -330,8 +334,11 @@ __global__ void __launch_bounds__(128, 3)
         acc_t C[kBwdStates];
         load_smem_states(C, C_base + t * C_token_stride);
 #pragma unroll
-        for (int i = 0; i < kBwdStates; ++i) dh[i] = (dh[i] + gy * C[i]) * exp2_approx(dt * A2[i]);
-        dt_total += dt;
+        for (int i = 0; i < kBwdStates; ++i) {
+          const acc_t a = exp2_approx(dt * A2[i]);
+          dh[i] = (dh[i] + gy * C[i]) * a;
+          decay[i] *= a;
+        }
       }
       continue;
     }
@@ -543,11 +550,9 @@ __global__ void __launch_bounds__(128, 3)
   }
 
   if (light) {
-    // dh at the segment's start from dh = 0 at its end, and the segment's decay exp(A sum dt).
+    // dh at the segment's start from dh = 0 at its end, and the segment's decay.
     store_thread_states(dh, p.segment_dh, segment_row * p.dstate, 1, p, pos);
-#pragma unroll
-    for (int i = 0; i < kBwdStates; ++i) dh[i] = exp2_approx(A2[i] * dt_total);
-    store_thread_states(dh, p.segment_decay, segment_row * p.dstate, 1, p, pos);
+    store_thread_states(decay, p.segment_decay, segment_row * p.dstate, 1, p, pos);
     return;
   }
   // dh is now the gradient of the state before the segment's first token.

@@ -70,6 +70,8 @@ BACKWARD_CASES = [
          delta_bias=False, delta_softplus=False),
     # Few channels, long: the CUDA backward's reverse pass runs in 23 segments, the last short.
     Case(batch=1, seqlen=3001, dim=8, dstate=16, initial_state=True),
+    # Two segments and a slow decay: dlast_state's share reaches the first segment.
+    Case(batch=1, seqlen=260, dim=4, dstate=16, delta_softplus=False, initial_state=True),
 ]
 
 

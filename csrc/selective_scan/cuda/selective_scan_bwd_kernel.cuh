@@ -224,10 +224,11 @@ __global__ void __launch_bounds__(128, 3)
   // the start state of the sequence after it (written to dinitial_state[id] in per-sequence
   // mode) and restarts from that sequence's dlast_state (per-sequence mode; per-row mode: at the
   // row's end only).
-  // A segment before the last starts from the dh its end receives (pass 2) or 0 (pass 1).
+  // Pass 1 starts every segment from 0; pass 2 a segment before the last from the dh its end
+  // receives (the combine kernel adds dlast_state's share).
   const int64_t segment_row = (segment * p.batch + pos.batch) * p.dim + channel;
   const bool last_segment = segment + 1 == p.reverse_segments;
-  if (last_segment)
+  if (last_segment && !light)
     load_thread_states(dh, per_sequence ? nullptr : p.dlast_state,
                        pos.batch * p.dlast_state_batch_stride + channel * p.dlast_state_dim_stride,
                        p.dlast_state_dstate_stride, p, pos);

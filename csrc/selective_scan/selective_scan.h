@@ -72,10 +72,9 @@ struct SelectiveScanFwdParams {
   bool is_variable_B, is_variable_C;
   bool delta_softplus;
 
-  // CUDA only: when not null, the forward also writes the state before each chunk of tokens
-  // (selective_scan_cuda_checkpoint_tokens) here, (batch, dim, ncheckpoints, dstate) in acc_type; the
-  // backward restarts
-  // from these checkpoints instead of keeping every state.
+  // CUDA only: when not null, the forward also writes the state before every
+  // selective_scan_cuda_checkpoint_tokens() tokens here, (batch, dim, ncheckpoints, dstate) in
+  // acc_type; the backward restarts from these checkpoints instead of keeping every state.
   void* checkpoints = nullptr;
 
   // CUDA only, length parallelism of the forward when batch x dim gives too few warps: the
@@ -197,30 +196,32 @@ inline SelectiveScanCudaGeometry selective_scan_fwd_cuda_geometry(const Selectiv
   return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision, 16, 16, 4,
                                       2);
 }
-// Segment length of the forward's length parallelism (0: none). The passes cost about twice
-// the work, so only a launch below half of 16 warps an SM (of 132) is cut, into enough
-// segments to reach it, each of at least 4 chunks.
-inline int64_t selective_scan_fwd_cuda_segment_len(const SelectiveScanFwdParams& p,
-                                                   bool double_precision) {
-  const SelectiveScanCudaGeometry g = selective_scan_fwd_cuda_geometry(p, double_precision);
+// Segment length of a length-parallel launch of geometry g (0: none). The passes cost about twice
+// the work, so only a launch below half of `warps_per_sm` an SM (of 132) is cut, into enough
+// segments to reach it, each of at least `min_chunks` chunks.
+inline int64_t selective_scan_cuda_segment_len(const SelectiveScanFwdParams& p,
+                                               const SelectiveScanCudaGeometry& g,
+                                               int64_t warps_per_sm, int64_t min_chunks) {
   const int64_t warps = p.batch * p.ngroups * g.channel_blocks_per_group * g.threads() / 32;
-  const int64_t target_warps = 132 * 16, nchunks = g.chunks(p.seqlen);
+  const int64_t target_warps = 132 * warps_per_sm, nchunks = g.chunks(p.seqlen);
   if (warps == 0 || 2 * warps >= target_warps) return 0;
-  const int64_t segments = std::min<int64_t>((target_warps + warps - 1) / warps, nchunks / 4);
+  const int64_t segments =
+      std::min<int64_t>((target_warps + warps - 1) / warps, nchunks / min_chunks);
   if (segments < 2) return 0;
   return (nchunks + segments - 1) / segments * g.chunk;
 }
-// Segment length of the reverse pass's length parallelism (0: none): as the forward's, with the
-// backward's 12 warps an SM, segments of at least 8 chunks; plain batches with one slice block.
+// The forward's: 16 warps an SM, segments of at least 4 chunks.
+inline int64_t selective_scan_fwd_cuda_segment_len(const SelectiveScanFwdParams& p,
+                                                   bool double_precision) {
+  const SelectiveScanCudaGeometry g = selective_scan_fwd_cuda_geometry(p, double_precision);
+  return selective_scan_cuda_segment_len(p, g, 16, 4);
+}
+// The reverse pass's: the backward's 12 warps an SM, segments of at least 8 chunks; plain
+// batches with one slice block.
 inline int64_t selective_scan_bwd_cuda_reverse_segment_len(const SelectiveScanFwdParams& p,
                                                            const SelectiveScanCudaGeometry& g) {
   if (p.seq_idx != nullptr || g.slice_blocks > 1) return 0;
-  const int64_t warps = p.batch * p.ngroups * g.channel_blocks_per_group * g.threads() / 32;
-  const int64_t target_warps = 132 * 12, nchunks = g.chunks(p.seqlen);
-  if (warps == 0 || 2 * warps >= target_warps) return 0;
-  const int64_t segments = std::min<int64_t>((target_warps + warps - 1) / warps, nchunks / 8);
-  if (segments < 2) return 0;
-  return (nchunks + segments - 1) / segments * g.chunk;
+  return selective_scan_cuda_segment_len(p, g, 12, 8);
 }
 inline SelectiveScanCudaGeometry selective_scan_bwd_cuda_geometry(const SelectiveScanFwdParams& p,
                                                                   bool double_precision) {

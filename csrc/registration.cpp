@@ -19,16 +19,22 @@ TORCH_LIBRARY(mamba_ext, m) {
   //         the first sequence of a row starts from initial_state[b]; N > 0 (needs seq_idx, values
   //         in [-1, N)) for per-sequence states: initial_state and last_state (N, dim, dstate)
   //   out: (batch, dim, seqlen) in u's dtype; last_state in A's dtype.
+  //   checkpoints: with return_checkpoints on CUDA, the state before every 16th token, (batch,
+  //         dim, ceil(seqlen / 16), dstate) in A's dtype, for selective_scan_bwd (which saves
+  //         a forward pass with them); empty otherwise.
   m.def(
       "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
       "Tensor? z, Tensor? delta_bias, Tensor? initial_state, Tensor? seq_idx, int num_sequences, "
-      "bool delta_softplus) -> (Tensor out, Tensor last_state)");
+      "bool delta_softplus, bool return_checkpoints=False) -> (Tensor out, Tensor last_state, "
+      "Tensor checkpoints)");
   // Gradients of selective_scan_fwd for every input; dD, dz, ddelta_bias, dinitial_state are
-  // empty when the matching input is absent. dlast_state has last_state's shape.
+  // empty when the matching input is absent. dlast_state has last_state's shape. checkpoints:
+  // the forward's (CUDA; ignored on the CPU), or None or empty to recompute them.
   m.def(
       "selective_scan_bwd(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, "
       "Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? initial_state, "
-      "Tensor? seq_idx, int num_sequences, bool delta_softplus) -> (Tensor du, Tensor ddelta, "
+      "Tensor? seq_idx, int num_sequences, bool delta_softplus, Tensor? checkpoints=None) -> "
+      "(Tensor du, Tensor ddelta, "
       "Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, Tensor ddelta_bias, "
       "Tensor dinitial_state)");
 

@@ -12,6 +12,6 @@ import mamba_ext  # noqa: E402,F401
 
 inputs = make_inputs(8, 4096, 4096, 16, torch.device("cuda"), torch.bfloat16)
 args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")] + [None]
-out, _ = torch.ops.mamba_ext.selective_scan_fwd(*args, None, 0, True)
+out = torch.ops.mamba_ext.selective_scan_fwd(*args, None, 0, True)[0]
 torch.ops.mamba_ext.selective_scan_bwd(torch.randn_like(out), None, *args, None, 0, True)
 torch.cuda.synchronize()

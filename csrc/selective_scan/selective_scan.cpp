@@ -5,6 +5,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 #include <unordered_set>
 #include <vector>
@@ -296,16 +297,20 @@ FwdCall prepare_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tens
   return call;
 }
 
-std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu_op(
+using FwdOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// The CPU backward needs no checkpoints: they come back empty.
+FwdOutputs selective_scan_fwd_cpu_op(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
     const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& initial_state,
-    const c10::optional<at::Tensor>& seq_idx, int64_t num_sequences, bool delta_softplus) {
+    const c10::optional<at::Tensor>& seq_idx, int64_t num_sequences, bool delta_softplus,
+    bool /*return_checkpoints*/) {
   FwdCall call = prepare_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
                              num_sequences, delta_softplus);
   MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kFwdOp,
                              [&] { selective_scan_fwd_cpu<input_t>(call.params); });
-  return {call.out, call.last_state};
+  return {call.out, call.last_state, at::empty({0}, A.options())};
 }
 
 // The gradient of an optional input: its shape and dtype, contiguous, when the input is there;
@@ -398,7 +403,8 @@ BwdGrads selective_scan_bwd_cpu_op(const at::Tensor& dout,
                                    const c10::optional<at::Tensor>& delta_bias,
                                    const c10::optional<at::Tensor>& initial_state,
                                    const c10::optional<at::Tensor>& seq_idx,
-                                   int64_t num_sequences, bool delta_softplus) {
+                                   int64_t num_sequences, bool delta_softplus,
+                                   const c10::optional<at::Tensor>& /*checkpoints*/) {
   BwdCall call = prepare_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
                              initial_state, seq_idx, num_sequences, delta_softplus);
   MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kBwdOp,
@@ -425,15 +431,27 @@ struct ForwardSegments {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cuda_op(
+// The checkpoints' shape: (batch, dim, ceil(seqlen / checkpoint tokens), dstate).
+std::vector<int64_t> checkpoint_sizes(const SelectiveScanFwdParams& p) {
+  const int64_t tokens = selective_scan_cuda_checkpoint_tokens();
+  return {p.batch, p.dim, (p.seqlen + tokens - 1) / tokens, p.dstate};
+}
+
+FwdOutputs selective_scan_fwd_cuda_op(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
     const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& initial_state,
-    const c10::optional<at::Tensor>& seq_idx, int64_t num_sequences, bool delta_softplus) {
+    const c10::optional<at::Tensor>& seq_idx, int64_t num_sequences, bool delta_softplus,
+    bool return_checkpoints) {
   const c10::cuda::CUDAGuard device_guard(u.device());
   FwdCall call = prepare_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
                              num_sequences, delta_softplus);
-  if (call.out.numel() == 0 && call.last_state.numel() == 0) return {call.out, call.last_state};
+  at::Tensor checkpoints = return_checkpoints
+                               ? at::empty(checkpoint_sizes(call.params), A.options())
+                               : at::empty({0}, A.options());
+  if (return_checkpoints) call.params.checkpoints = checkpoints.data_ptr();
+  if (call.out.numel() == 0 && call.last_state.numel() == 0)
+    return {call.out, call.last_state, checkpoints};
   const ForwardSegments segments(call.params, u, A);
   cudaError_t error = cudaSuccess;
   MAMBA_DISPATCH_INPUT_TYPES(u.scalar_type(), kFwdOp, [&] {
@@ -442,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cuda_op(
   });
   TORCH_CHECK(error == cudaSuccess, kFwdOp, ": CUDA kernel launch failed: ",
               cudaGetErrorString(error));
-  return {call.out, call.last_state};
+  return {call.out, call.last_state, checkpoints};
 }
 
 BwdGrads selective_scan_bwd_cuda_op(const at::Tensor& dout,
@@ -454,7 +472,8 @@ BwdGrads selective_scan_bwd_cuda_op(const at::Tensor& dout,
                                     const c10::optional<at::Tensor>& delta_bias,
                                     const c10::optional<at::Tensor>& initial_state,
                                     const c10::optional<at::Tensor>& seq_idx,
-                                    int64_t num_sequences, bool delta_softplus) {
+                                    int64_t num_sequences, bool delta_softplus,
+                                    const c10::optional<at::Tensor>& checkpoints) {
   const c10::cuda::CUDAGuard device_guard(u.device());
   BwdCall call = prepare_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
                              initial_state, seq_idx, num_sequences, delta_softplus);
@@ -481,8 +500,23 @@ BwdGrads selective_scan_bwd_cuda_op(const at::Tensor& dout,
   auto scratch = [&](std::initializer_list<int64_t> sizes) {
     return p.deterministic ? at::empty(sizes, acc) : at::zeros(sizes, acc);
   };
-  const int64_t nchunks = g.chunks(s.seqlen);
-  at::Tensor checkpoints = at::empty({s.batch, s.dim, nchunks, s.dstate}, acc);
+  // The forward's checkpoints, or a checkpoint pass of its own.
+  at::Tensor own_checkpoints;
+  p.checkpoints_ready = checkpoints.has_value() && checkpoints->numel() > 0;
+  if (p.checkpoints_ready) {
+    const std::vector<int64_t> sizes = checkpoint_sizes(p);
+    TORCH_CHECK(checkpoints->device() == u.device() &&
+                    checkpoints->scalar_type() == A.scalar_type() &&
+                    checkpoints->sizes() == at::IntArrayRef(sizes) && checkpoints->is_contiguous(),
+                kBwdOp, ": checkpoints must be selective_scan_fwd's (contiguous ",
+                at::IntArrayRef(sizes), " ", A.scalar_type(), " on ", u.device(), "), got ",
+                checkpoints->sizes(), " ", checkpoints->scalar_type(), " on ",
+                checkpoints->device(), checkpoints->is_contiguous() ? "" : ", not contiguous");
+    p.checkpoints = checkpoints->data_ptr();
+  } else {
+    own_checkpoints = at::empty(checkpoint_sizes(p), acc);
+    p.checkpoints = own_checkpoints.data_ptr();
+  }
   at::Tensor BC_partials =
       (s.variable_B || s.variable_C)
           ? scratch({p.BC_slots, s.batch, s.ngroups, 2, s.dstate, s.seqlen})
@@ -492,12 +526,12 @@ BwdGrads selective_scan_bwd_cuda_op(const at::Tensor& dout,
   at::Tensor slice_partials =
       g.slice_blocks > 1 ? at::empty({g.slice_blocks, 3, s.batch, s.dim, s.seqlen}, acc)
                          : at::empty({0}, acc);
-  p.checkpoints = checkpoints.data_ptr();
   p.BC_partials = BC_partials.data_ptr();
   p.weight_partials = weight_partials.data_ptr();
   p.channel_partials = channel_partials.data_ptr();
   p.slice_partials = slice_partials.data_ptr();
-  const ForwardSegments checkpoint_segments(p, u, A);
+  std::optional<ForwardSegments> checkpoint_segments;
+  if (!p.checkpoints_ready) checkpoint_segments.emplace(p, u, A);
   if (s.batch * s.dim == 0) {
     // No token to scan: the sums are empty.
     for (at::Tensor* grad : {&std::get<2>(call.grads), &std::get<3>(call.grads),

@@ -127,6 +127,7 @@ struct SelectiveScanBwdParams : SelectiveScanFwdParams {
   void* slice_partials = nullptr;    // (slice_blocks, 3, batch, dim, seqlen) when slice_blocks > 1
   int64_t BC_slots = 1, weight_slots = 1;
   bool deterministic = false;
+  bool checkpoints_ready = false;  // the forward wrote them: no checkpoint pass
 
   // CUDA only, length parallelism of the reverse pass (plain batches, one slice block) when
   // batch x dim gives too few warps: `reverse_segments` of reverse_segment_len tokens (a multiple

@@ -37,9 +37,12 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
             raise ValueError("selective_scan_fn: cu_seqlens must not be given together with "
                              "seq_idx, got both")
         seq_idx, num_sequences = _seq_idx_from_cu_seqlens(cu_seqlens, u)
-    out, last_state = torch.ops.mamba_ext.selective_scan_fwd(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_sequences,
-        delta_softplus)
+    # A CUDA forward that autograd will differentiate keeps the backward's checkpoints.
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    keep_checkpoints = u.is_cuda and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in inputs)
+    out, last_state, _ = torch.ops.mamba_ext.selective_scan_fwd(
+        *inputs, seq_idx, num_sequences, delta_softplus, keep_checkpoints)
     return (out, last_state) if return_last_state else out
 
 
@@ -66,13 +69,21 @@ def _seq_idx_from_cu_seqlens(cu_seqlens, u):
     return seq_idx.to(torch.int32).unsqueeze(0), num_sequences
 
 
+# The CUDA forward's checkpoint interval (selective_scan_cuda_checkpoint_tokens).
+_CHECKPOINT_TOKENS = 16
+
+
 @torch.library.register_fake("mamba_ext::selective_scan_fwd")
 def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
-                             num_sequences, delta_softplus):
+                             num_sequences, delta_softplus, return_checkpoints=False):
     batch, dim, seqlen = u.shape
     out = u.new_empty((batch, dim, seqlen))
     last_state = A.new_empty((num_sequences if num_sequences > 0 else batch, dim, A.shape[1]))
-    return out, last_state
+    if return_checkpoints and u.device.type == "cuda":
+        checkpoints = A.new_empty((batch, dim, -(-seqlen // _CHECKPOINT_TOKENS), A.shape[1]))
+    else:
+        checkpoints = A.new_empty((0,))
+    return out, last_state, checkpoints
 
 
 def _gradient_or_empty(input, absent_like):
@@ -82,7 +93,7 @@ def _gradient_or_empty(input, absent_like):
 
 @torch.library.register_fake("mamba_ext::selective_scan_bwd")
 def _selective_scan_bwd_fake(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state,
-                             seq_idx, num_sequences, delta_softplus):
+                             seq_idx, num_sequences, delta_softplus, checkpoints=None):
     return (u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(A.shape),
             B.new_empty(B.shape), C.new_empty(C.shape), _gradient_or_empty(D, A),
             _gradient_or_empty(z, u), _gradient_or_empty(delta_bias, A),
@@ -91,25 +102,28 @@ def _selective_scan_bwd_fake(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
 
 def _setup_context(ctx, inputs, output):
     (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_sequences,
-     delta_softplus) = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+     delta_softplus) = inputs[:12]
+    checkpoints = output[2]  # empty unless the forward kept them
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
+                          checkpoints)
     ctx.num_sequences = num_sequences
     ctx.delta_softplus = delta_softplus
+    ctx.mark_non_differentiable(checkpoints)
 
 
-def _backward(ctx, dout, dlast_state):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx = ctx.saved_tensors
+def _backward(ctx, dout, dlast_state, _dcheckpoints):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, checkpoints = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = (
         torch.ops.mamba_ext.selective_scan_bwd(
             dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
-            ctx.num_sequences, ctx.delta_softplus))
+            ctx.num_sequences, ctx.delta_softplus, checkpoints))
     # The op returns empty gradients for absent inputs; autograd wants None for them.
     return (du, ddelta, dA, dB, dC,
             dD if D is not None else None,
             dz if z is not None else None,
             ddelta_bias if delta_bias is not None else None,
             dinitial_state if initial_state is not None else None,
-            None, None, None)
+            None, None, None, None)
 
 
 torch.library.register_autograd(

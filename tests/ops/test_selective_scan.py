@@ -205,11 +205,58 @@ def test_opcheck(optionals, device):
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
                                 "initial_state")]
     grad_args = [None if t is None else t.detach().requires_grad_() for t in args]
-    torch.library.opcheck(torch.ops.mamba_ext.selective_scan_fwd.default, (*grad_args, None, 0, True))
+    for keep_checkpoints in (False, True):
+        torch.library.opcheck(torch.ops.mamba_ext.selective_scan_fwd.default,
+                              (*grad_args, None, 0, True, keep_checkpoints))
+    checkpoints = torch.ops.mamba_ext.selective_scan_fwd(*args, None, 0, True, True)[2]
     dout = torch.randn(2, 3, 7, device=device)
     dlast = torch.randn(2, 3, 4, device=device) if optionals else None
-    torch.library.opcheck(torch.ops.mamba_ext.selective_scan_bwd.default,
-                          (dout, dlast, *args, None, 0, True))
+    for given in (None, checkpoints):
+        torch.library.opcheck(torch.ops.mamba_ext.selective_scan_bwd.default,
+                              (dout, dlast, *args, None, 0, True, given))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_from_the_forward_checkpoints_matches_its_own(device):
+    # The forward keeps the checkpoints on CUDA (empty on the CPU, which needs none); the
+    # backward given them skips its checkpoint pass and gives the same gradients, bit for bit
+    # in deterministic mode.
+    needs_kernel(device)
+    case = Case(batch=2, dim=40, dstate=16, seqlen=301, initial_state=True)
+    inputs = make_inputs(case, device)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                "initial_state")]
+    out, last, checkpoints = torch.ops.mamba_ext.selective_scan_fwd(*args, None, 0, True, True)
+    plain_out, plain_last, none = torch.ops.mamba_ext.selective_scan_fwd(*args, None, 0, True)
+    assert torch.equal(out, plain_out) and torch.equal(last, plain_last)
+    assert none.numel() == 0
+    expected = (2, 40, 19, 16) if device == "cuda" else (0,)
+    assert tuple(checkpoints.shape) == expected and checkpoints.dtype == torch.float32
+    dout, dlast = torch.randn_like(out), torch.randn_like(last)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        own = torch.ops.mamba_ext.selective_scan_bwd(dout, dlast, *args, None, 0, True)
+        given = torch.ops.mamba_ext.selective_scan_bwd(dout, dlast, *args, None, 0, True,
+                                                       checkpoints)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b in zip(own, given):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_backward_rejects_checkpoints_of_another_shape():
+    needs_kernel("cuda")
+    case = Case(batch=2, dim=4, dstate=16, seqlen=40)
+    inputs = make_inputs(case, "cuda")
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                "initial_state")]
+    checkpoints = torch.ops.mamba_ext.selective_scan_fwd(*args, None, 0, True, True)[2]
+    dout = torch.randn(2, 4, 40, device="cuda")
+    for bad in (checkpoints[:, :, :2], checkpoints.double(), checkpoints.transpose(0, 1)):
+        with pytest.raises(RuntimeError, match="selective_scan_bwd: checkpoints must be"):
+            torch.ops.mamba_ext.selective_scan_bwd(dout, None, *args, None, 0, True, bad)
 
 
 def assert_compiled_matches_eager(loss_fn, inputs):
@@ -509,8 +556,8 @@ def test_cuda_more_than_2_31_elements():
     full = [u, delta, A, B, C, D, None, delta_bias, None]
     part = [u[:, tail].contiguous(), delta[:, tail].contiguous(), A[tail], B, C, D[tail], None,
             delta_bias[tail], None]
-    out, last = torch.ops.mamba_ext.selective_scan_fwd(*full, None, 0, True)
-    out_part, last_part = torch.ops.mamba_ext.selective_scan_fwd(*part, None, 0, True)
+    out, last, _ = torch.ops.mamba_ext.selective_scan_fwd(*full, None, 0, True)
+    out_part, last_part, _ = torch.ops.mamba_ext.selective_scan_fwd(*part, None, 0, True)
     torch.testing.assert_close(out[:, tail], out_part, rtol=0, atol=0)
     torch.testing.assert_close(last[:, tail], last_part, rtol=0, atol=0)
     del out
@@ -586,7 +633,7 @@ def run_varlen_op(inputs, case, seq_idx, num_sequences):
     args = [inputs.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
                                     "initial_state")]
     return torch.ops.mamba_ext.selective_scan_fwd(*args, seq_idx, num_sequences,
-                                                  case.delta_softplus)
+                                                  case.delta_softplus)[:2]
 
 
 def run_varlen_reference(inputs, case, seq_idx, num_sequences):

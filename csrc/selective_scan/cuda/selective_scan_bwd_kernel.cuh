@@ -596,12 +596,15 @@ __global__ void __launch_bounds__(128, 3)
 template <typename input_t>
 cudaError_t run_selective_scan_bwd(const SelectiveScanBwdParams& p, cudaStream_t stream) {
   using acc_t = acc_type<input_t>;
-  // 1. Checkpoints.
-  SelectiveScanFwdParams fwd = p;
-  fwd.out = nullptr;
-  fwd.last_state = nullptr;
-  cudaError_t error = run_selective_scan_fwd<input_t>(fwd, stream);
-  if (error != cudaSuccess) return error;
+  // 1. Checkpoints, unless the forward wrote them.
+  cudaError_t error = cudaSuccess;
+  if (!p.checkpoints_ready) {
+    SelectiveScanFwdParams fwd = p;
+    fwd.out = nullptr;
+    fwd.last_state = nullptr;
+    error = run_selective_scan_fwd<input_t>(fwd, stream);
+    if (error != cudaSuccess) return error;
+  }
 
   // 2. The reverse pass.
   const SelectiveScanCudaGeometry g = selective_scan_bwd_cuda_geometry(p, sizeof(acc_t) == 8);

@@ -244,8 +244,8 @@ template <typename input_t, int kChunk> struct StateInputStage {
 
 // At most 128 registers: 4 blocks of 128 threads an SM at dstate <= 16, 16 warps of 512 at 256.
 // kPacked: seq_idx given; the sequence checks stay out of the token loop of plain batches.
-// kCheckpoints: the backward's checkpoint pass (no output); its stores stay out of the
-// forward's token loop (they cost it 7%).
+// kCheckpoints: the checkpoint stores (the training forward, or the backward's checkpoint pass
+// without output), in an instance of their own: in the plain forward's token loop they cost 7%.
 template <typename input_t, bool kPacked, bool kCheckpoints>
 __global__ void __launch_bounds__(512, 1)
     selective_scan_fwd_kernel(const SelectiveScanFwdParams p, const SelectiveScanCudaGeometry g,
@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(512, 1)
   const int64_t channel = pos.channel0 + c;
   const int valid_channels = static_cast<int>(
       pos.group_end - pos.channel0 < channels ? pos.group_end - pos.channel0 : channels);
-  const bool has_out = !kCheckpoints && p.out != nullptr, per_sequence = p.num_sequences > 0;
+  const bool has_out = p.out != nullptr, per_sequence = p.num_sequences > 0;
   // The block's tokens: its segment of the sequence (all of it without length parallelism).
   const int64_t segment = blockIdx.z, token_begin = segment * p.segment_len;
   const int64_t token_end = p.segment_len == 0 || token_begin + p.segment_len > p.seqlen

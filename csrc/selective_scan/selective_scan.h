@@ -129,7 +129,7 @@ struct SelectiveScanBwdParams : SelectiveScanFwdParams {
   bool deterministic = false;
   bool checkpoints_ready = false;  // the forward wrote them: no checkpoint pass
 
-  // CUDA only, length parallelism of the reverse pass (plain batches, one slice block) when
+  // CUDA only, length parallelism of the reverse pass (one slice block) when
   // batch x dim gives too few warps: `reverse_segments` of reverse_segment_len tokens (a multiple
   // of the chunk), grid z. Pass 1 runs segments > 0 backwards from dh = 0 and writes the dh it
   // reaches at the segment's start and the segment's decay exp(A sum dt); a combine kernel turns
@@ -217,11 +217,11 @@ inline int64_t selective_scan_fwd_cuda_segment_len(const SelectiveScanFwdParams&
   const SelectiveScanCudaGeometry g = selective_scan_fwd_cuda_geometry(p, double_precision);
   return selective_scan_cuda_segment_len(p, g, 16, 4);
 }
-// The reverse pass's: the backward's 12 warps an SM, segments of at least 8 chunks; plain
-// batches with one slice block.
+// The reverse pass's: the backward's 12 warps an SM, segments of at least 8 chunks; one slice
+// block.
 inline int64_t selective_scan_bwd_cuda_reverse_segment_len(const SelectiveScanFwdParams& p,
                                                            const SelectiveScanCudaGeometry& g) {
-  if (p.seq_idx != nullptr || g.slice_blocks > 1) return 0;
+  if (g.slice_blocks > 1) return 0;
   return selective_scan_cuda_segment_len(p, g, 12, 8);
 }
 inline SelectiveScanCudaGeometry selective_scan_bwd_cuda_geometry(const SelectiveScanFwdParams& p,

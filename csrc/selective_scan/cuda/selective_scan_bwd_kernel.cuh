@@ -235,14 +235,15 @@ __global__ void __launch_bounds__(128, 3)
   else
     load_thread_states(dh, light ? nullptr : p.segment_dh, (segment_row + p.dim * p.batch) *
                        p.dstate, 1, p, pos);
-  int64_t next_seq = kNoSequence;  // the sequence of the token after
+  int64_t next_seq = kNoSequence;  // the sequence of the token after (set below by segment)
   auto store_dinitial = [&](int64_t row) {
     store_thread_states(dh, p.dinitial_state,
                         row * p.dinitial_state_batch_stride + channel * p.dinitial_state_dim_stride,
                         p.dinitial_state_dstate_stride, p, pos);
   };
   auto end_sequence = [&](int id) {
-    if (per_sequence && next_seq >= 0) store_dinitial(next_seq);  // not padding, not none
+    // Not padding, not none; pass 1 writes nothing.
+    if (per_sequence && next_seq >= 0 && !light) store_dinitial(next_seq);
     const bool from_dlast = id != kPadding && (per_sequence || next_seq == kNoSequence);
     load_thread_states(dh, from_dlast ? p.dlast_state : nullptr,
                        (per_sequence ? id : pos.batch) * p.dlast_state_batch_stride +
@@ -267,6 +268,9 @@ __global__ void __launch_bounds__(128, 3)
   const int64_t segment_chunks = segmented ? p.reverse_segment_len / kChunk : nchunks;
   const int64_t chunk_lo = segment * segment_chunks;
   const int64_t chunk_hi = chunk_lo + segment_chunks < nchunks ? chunk_lo + segment_chunks : nchunks;
+  // A segment before the last continues the sequence of the token after it (pass 1 too: its
+  // dh from 0 stands for the part the combine adds).
+  if (kPacked && !last_segment) next_seq = sequence_of(p, pos.batch, chunk_hi * kChunk);
   if (chunk_lo < chunk_hi) issue_loads(chunk_hi - 1, (chunk_hi - 1) & 1);
   for (int64_t chunk_index = chunk_hi - 1; chunk_index >= chunk_lo; --chunk_index) {
     const int64_t token0 = chunk_index * kChunk;
@@ -327,11 +331,22 @@ __global__ void __launch_bounds__(128, 3)
 
     if (light) {
       // Segment pass 1: dh alone, last token first (both lanes of a pair compute dt and gy).
+      // A sequence end restarts dh as pass 2 will, and cuts the segment's decay to 0: what
+      // comes before it no longer depends on the dh the segment's end receives.
       for (int t = chunk_tokens - 1; t >= 0; --t) {
+        if (kPacked && s_seq[t] != next_seq) {
+          end_sequence(s_seq[t]);
+          next_seq = s_seq[t];
+#pragma unroll
+          for (int i = 0; i < kBwdStates; ++i) decay[i] = 0;
+        }
+        const bool live = live_at(t);
         acc_t dt = to_acc(row_delta[t]) + bias;
         if (p.delta_softplus) dt = softplus_fast(dt);
+        dt = live ? dt : acc_t(0);
         acc_t gy = to_acc(tile_dout[c * kPitch + t]);
         if (has_z) gy *= silu_fast(to_acc(tile_z[c * kPitch + t]));
+        gy = live ? gy : acc_t(0);
         acc_t C[kBwdStates];
         load_smem_states(C, C_base + t * C_token_stride);
 #pragma unroll
@@ -556,10 +571,12 @@ __global__ void __launch_bounds__(128, 3)
     store_thread_states(decay, p.segment_decay, segment_row * p.dstate, 1, p, pos);
     return;
   }
-  // dh is now the gradient of the state before the segment's first token.
-  if (!per_sequence && segment == 0)
+  // dh is now the gradient of the state before the segment's first token: the row's first
+  // sequence's initial state in segment 0 (a later segment's first sequence either goes on in
+  // the segment before, or starts there and the segment before writes it at its boundary).
+  if (segment == 0 && !per_sequence)
     store_dinitial(pos.batch);
-  else if (next_seq >= 0)
+  else if (segment == 0 && next_seq >= 0)
     store_dinitial(next_seq);
   const int64_t weight_slot = p.deterministic ? pos.batch * p.reverse_segments + segment : 0;
   if (channel_valid) {

@@ -58,7 +58,8 @@ __device__ __forceinline__ void write_slot(acc_t* dst, acc_t v, bool determinist
 // The reverse pass's segments (selective_scan.h): from pass 1's dh at each segment's start
 // (from 0 at its end) and its decay, the dh each segment ends with, into the next segment's row
 // of segment_dh. A thread per (batch, channel, state): end(s - 1) = start(s) + decay(s) end(s),
-// end(last) = dlast_state.
+// end(last) = dlast_state (packed batches: the last segment's pass 1 restarts at its first
+// token, so its decay is 0 and its start holds dlast_state's share).
 template <typename acc_t>
 __global__ void __launch_bounds__(256)
     selective_scan_bwd_combine_segments_kernel(const SelectiveScanBwdParams p) {
@@ -68,7 +69,7 @@ __global__ void __launch_bounds__(256)
                 batch = index / (p.dstate * p.dim);
   acc_t* dh = static_cast<acc_t*>(p.segment_dh);
   const acc_t* decay = static_cast<const acc_t*>(p.segment_decay);
-  acc_t end = p.dlast_state == nullptr
+  acc_t end = p.dlast_state == nullptr || p.seq_idx != nullptr
                   ? acc_t(0)
                   : static_cast<const acc_t*>(p.dlast_state)[batch * p.dlast_state_batch_stride +
                                                              channel * p.dlast_state_dim_stride +

@@ -134,6 +134,31 @@ def bench_cuda():
     harness.write_results("selective_scan", rows, device,
                           ["shape", "dtype", "mode", "ms", "GB", "GBps", "floor_fraction",
                            "anchor_ms", "anchor_ratio"])
+    sweep_reverse_segments(device)
+
+
+TUNE_VARIABLE = "MAMBA_EXT_SCAN_TUNE"
+
+
+def sweep_reverse_segments(device):
+    """fwd+bwd of the three n16 shapes of anchors.md with K reverse segments of the
+    backward ("reverse_segments=K"; "heuristic": selective_scan.h's choice)."""
+    rows = []
+    for batch, dim, seqlen, dstate, _, anchor in ANCHORS[:3]:
+        inputs = make_inputs(batch, dim, seqlen, dstate, device, torch.bfloat16)
+        for tune in ("heuristic", "1", "2", "3", "4", "8", "16"):
+            if tune == "heuristic":
+                os.environ.pop(TUNE_VARIABLE, None)
+            else:
+                os.environ[TUNE_VARIABLE] = f"reverse_segments={tune}"
+            ms = harness.time_ms(forward_backward(selective_scan_fn, inputs), device)
+            rows.append(dict(shape=f"b{batch} d{dim} l{seqlen} n{dstate}", mode="fwd+bwd",
+                             reverse_segments=tune, ms=ms, anchor_ms=anchor,
+                             anchor_ratio=anchor / ms))
+    os.environ.pop(TUNE_VARIABLE, None)
+    harness.write_results("selective_scan_reverse_segment_sweep", rows, device,
+                          ["shape", "mode", "reverse_segments", "ms", "anchor_ms",
+                           "anchor_ratio"])
 
 
 if __name__ == "__main__":

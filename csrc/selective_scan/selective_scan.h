@@ -23,6 +23,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 
 #include "common/math.h"
 
@@ -218,10 +220,17 @@ inline int64_t selective_scan_fwd_cuda_segment_len(const SelectiveScanFwdParams&
   return selective_scan_cuda_segment_len(p, g, 16, 4);
 }
 // The reverse pass's: the backward's 12 warps an SM, segments of at least 8 chunks; one slice
-// block.
+// block. A tuning knob for benchmarks and tests, MAMBA_EXT_SCAN_TUNE=reverse_segments=K, asks
+// for K segments (of at least one chunk; K = 1: none) wherever the reverse pass can take them.
 inline int64_t selective_scan_bwd_cuda_reverse_segment_len(const SelectiveScanFwdParams& p,
                                                            const SelectiveScanCudaGeometry& g) {
   if (g.slice_blocks > 1) return 0;
+  const char* tune = std::getenv("MAMBA_EXT_SCAN_TUNE");
+  long long asked = 0;
+  if (tune != nullptr && std::sscanf(tune, "reverse_segments=%lld", &asked) == 1 && asked >= 1) {
+    const int64_t nchunks = g.chunks(p.seqlen), segments = std::min<int64_t>(asked, nchunks);
+    return segments < 2 ? 0 : (nchunks + segments - 1) / segments * g.chunk;
+  }
   return selective_scan_cuda_segment_len(p, g, 12, 8);
 }
 inline SelectiveScanCudaGeometry selective_scan_bwd_cuda_geometry(const SelectiveScanFwdParams& p,

@@ -149,6 +149,11 @@ def test_forward_matches_reference(case, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=str)
 def test_backward_matches_reference(case, dtype, device):
+    check_backward(case, dtype, device)
+
+
+def check_backward(case, dtype, device):
+    """Gradients of every input against the float64 reference's."""
     needs_kernel(device)
     inputs = make_inputs(case, device, dtype)
     leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
@@ -679,6 +684,11 @@ def test_varlen_forward_matches_reference(case, per_sequence, padding, dtype, de
 @pytest.mark.parametrize("per_sequence", VARLEN_MODES)
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=str)
 def test_varlen_backward_matches_reference(case, per_sequence, padding, dtype, device):
+    check_varlen_backward(case, per_sequence, padding, dtype, device)
+
+
+def check_varlen_backward(case, per_sequence, padding, dtype, device):
+    """Gradients of every input of a packed batch against the float64 reference's."""
     needs_kernel(device)
     inputs, seq_idx, num_sequences = make_varlen_inputs(case, per_sequence, padding, device,
                                                         dtype)
@@ -698,6 +708,21 @@ def test_varlen_backward_matches_reference(case, per_sequence, padding, dtype, d
     for name, grad, ref_grad in zip(leaves, grads, ref_grads):
         assert grad.dtype == leaves[name].dtype and grad.shape == leaves[name].shape
         assert_close(grad, ref_grad, dtype if grad.dtype == dtype else torch.float32, f"d{name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("segments", [1, 3, 40])
+@pytest.mark.parametrize("packing", ["none", "per_row", "per_sequence"])
+def test_cuda_backward_in_asked_reverse_segments_matches_reference(packing, segments,
+                                                                   monkeypatch):
+    # MAMBA_EXT_SCAN_TUNE asks the backward for K reverse segments (its heuristic takes 2 here):
+    # 1 runs none, 40 gives 21 segments of one chunk, the last of 13 tokens.
+    monkeypatch.setenv("MAMBA_EXT_SCAN_TUNE", f"reverse_segments={segments}")
+    case = Case(batch=2, dim=70, dstate=16, seqlen=333, initial_state=True)
+    if packing == "none":
+        check_backward(case, torch.float32, "cuda")
+    else:
+        check_varlen_backward(case, packing == "per_sequence", True, torch.float32, "cuda")
 
 
 # Few channels and a long sequence: the CUDA forward cuts the sequence into segments run in two

@@ -11,6 +11,7 @@ mamba-ssm's time.
 
 Run from the repository root: python benchmarks/bench_selective_scan.py
 """
+import functools
 import os
 import sys
 
@@ -50,12 +51,12 @@ def forward(fn, inputs):
     return lambda: fn(**inputs, delta_softplus=True)
 
 
-def forward_backward(fn, inputs):
+def forward_backward(fn, inputs, **options):
     leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
     dout = torch.randn_like(inputs["u"])
 
     def run():
-        out = fn(**leaves, delta_softplus=True)
+        out = fn(**leaves, delta_softplus=True, **options)
         torch.autograd.grad(out, list(leaves.values()), dout)
     return run
 
@@ -120,21 +121,34 @@ def bench_cuda():
     rows = []
     for batch, dim, seqlen, dstate, anchor_fwd, anchor_fwd_bwd in ANCHORS:
         inputs = make_inputs(batch, dim, seqlen, dstate, device, torch.bfloat16)
+        recompute = functools.partial(forward_backward, keep_checkpoints=False)
         for mode, make, anchor in (("fwd", forward, anchor_fwd),
                                    ("fwd+bwd", forward_backward, anchor_fwd_bwd),
+                                   ("fwd+bwd recomputed checkpoints", recompute, anchor_fwd_bwd),
                                    ("fwd+bwd deterministic", deterministic(forward_backward),
                                     anchor_fwd_bwd)):
-            ms = harness.time_ms(make(selective_scan_fn, inputs), device)
+            run = make(selective_scan_fn, inputs)
+            ms = harness.time_ms(run, device)
             nbytes = scan_bytes(batch, dim, seqlen, dstate, mode.split()[0])
             floor_ms = nbytes / (harness.H100_COPY_GBPS * 1e9) * 1e3
             rows.append(dict(shape=f"b{batch} d{dim} l{seqlen} n{dstate}", dtype="bfloat16",
                              mode=mode, ms=ms, GB=nbytes / 1e9, GBps=nbytes / (ms * 1e6),
                              floor_fraction=floor_ms / ms, anchor_ms=anchor,
-                             anchor_ratio=anchor / ms))
+                             anchor_ratio=anchor / ms, extra_peak_MB=extra_peak_mb(run)))
     harness.write_results("selective_scan", rows, device,
                           ["shape", "dtype", "mode", "ms", "GB", "GBps", "floor_fraction",
-                           "anchor_ms", "anchor_ratio"])
+                           "anchor_ms", "anchor_ratio", "extra_peak_MB"])
     sweep_reverse_segments(device)
+
+
+def extra_peak_mb(run):
+    """Peak memory one call allocates beyond what was live before it (MB)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 1e6
 
 
 TUNE_VARIABLE = "MAMBA_EXT_SCAN_TUNE"

@@ -7,7 +7,8 @@ import torch
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False, initial_state=None, seq_idx=None, cu_seqlens=None):
+                      return_last_state=False, initial_state=None, seq_idx=None, cu_seqlens=None,
+                      keep_checkpoints=True):
     """The selective scan of mamba-ssm, plus an initial state and packed variable-length batches.
 
     u, delta, z: (batch, dim, seqlen); A: (dim, dstate); B, C: (batch, ngroups, dstate, seqlen)
@@ -30,6 +31,10 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         seq_idx on u's device without a host sync. Not together with seq_idx.
     On the CPU a per-sequence seq_idx is checked to lie in [-1, N) with each sequence one run of
     tokens; on CUDA it is not (that would sync), and breaking it is undefined.
+
+    keep_checkpoints: on CUDA, when autograd will differentiate, the forward keeps the states
+        every 16 tokens (float32, 4 bytes a (token, channel) at dstate 16) for the backward.
+        False trades that memory for a second forward pass inside the backward.
     """
     num_sequences = 0
     if cu_seqlens is not None:
@@ -37,9 +42,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
             raise ValueError("selective_scan_fn: cu_seqlens must not be given together with "
                              "seq_idx, got both")
         seq_idx, num_sequences = _seq_idx_from_cu_seqlens(cu_seqlens, u)
-    # A CUDA forward that autograd will differentiate keeps the backward's checkpoints.
+    # A CUDA forward that autograd will differentiate keeps the backward's checkpoints, if asked.
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    keep_checkpoints = u.is_cuda and torch.is_grad_enabled() and any(
+    keep_checkpoints = keep_checkpoints and u.is_cuda and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in inputs)
     out, last_state, _ = torch.ops.mamba_ext.selective_scan_fwd(
         *inputs, seq_idx, num_sequences, delta_softplus, keep_checkpoints)

@@ -250,6 +250,28 @@ def test_backward_from_the_forward_checkpoints_matches_its_own(device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_keep_checkpoints_false_gives_the_same_gradients(device):
+    # keep_checkpoints=False only moves the checkpoint pass from the forward into the backward.
+    needs_kernel(device)
+    case = Case(batch=2, dim=24, dstate=16, seqlen=77, initial_state=True)
+    inputs = make_inputs(case, device)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items() if v is not None}
+    dout = None
+    grads = []
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        for keep in (True, False):
+            out = selective_scan_fn(**leaves, delta_softplus=True, keep_checkpoints=keep)
+            dout = torch.randn_like(out) if dout is None else dout
+            grads.append(torch.autograd.grad(out, list(leaves.values()), dout))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for kept, recomputed in zip(*grads):
+        assert torch.equal(kept, recomputed)
+
+
 @pytest.mark.cuda
 def test_cuda_backward_rejects_checkpoints_of_another_shape():
     needs_kernel("cuda")

@@ -138,7 +138,7 @@ def bench_cuda():
     harness.write_results("selective_scan", rows, device,
                           ["shape", "dtype", "mode", "ms", "GB", "GBps", "floor_fraction",
                            "anchor_ms", "anchor_ratio", "extra_peak_MB"])
-    sweep_reverse_segments(device)
+    sweep_segments(device)
 
 
 def extra_peak_mb(run):
@@ -154,25 +154,33 @@ def extra_peak_mb(run):
 TUNE_VARIABLE = "MAMBA_EXT_SCAN_TUNE"
 
 
-def sweep_reverse_segments(device):
-    """fwd+bwd of the three n16 shapes of anchors.md with K reverse segments of the
-    backward ("reverse_segments=K"; "heuristic": selective_scan.h's choice)."""
+# (anchors row, mode, MAMBA_EXT_SCAN_TUNE settings): around each pass's heuristic ("").
+SEGMENT_SWEEP = [
+    (0, "fwd+bwd", ["", "reverse_segments=1", "reverse_segments=2", "reverse_segments=4"]),
+    (1, "fwd+bwd", ["", "reverse_segments=1"]),
+    (2, "fwd+bwd", ["", "reverse_segments=16", "reverse_segments=32", "reverse_segments=48"]),
+    (2, "fwd", ["", "forward_segments=16", "forward_segments=24", "forward_segments=32"]),
+]
+
+
+def sweep_segments(device):
+    """Times with the passes' segments as asked (MAMBA_EXT_SCAN_TUNE; "heuristic": the choice
+    of selective_scan.h) at the n16 shapes of anchors.md."""
     rows = []
-    for batch, dim, seqlen, dstate, _, anchor in ANCHORS[:3]:
+    for row, mode, tunes in SEGMENT_SWEEP:
+        batch, dim, seqlen, dstate, anchor_fwd, anchor_fwd_bwd = ANCHORS[row]
         inputs = make_inputs(batch, dim, seqlen, dstate, device, torch.bfloat16)
-        for tune in ("heuristic", "1", "2", "3", "4", "8", "16"):
-            if tune == "heuristic":
-                os.environ.pop(TUNE_VARIABLE, None)
-            else:
-                os.environ[TUNE_VARIABLE] = f"reverse_segments={tune}"
-            ms = harness.time_ms(forward_backward(selective_scan_fn, inputs), device)
-            rows.append(dict(shape=f"b{batch} d{dim} l{seqlen} n{dstate}", mode="fwd+bwd",
-                             reverse_segments=tune, ms=ms, anchor_ms=anchor,
+        make, anchor = ((forward, anchor_fwd) if mode == "fwd"
+                        else (forward_backward, anchor_fwd_bwd))
+        for tune in tunes:
+            os.environ[TUNE_VARIABLE] = tune
+            ms = harness.time_ms(make(selective_scan_fn, inputs), device)
+            rows.append(dict(shape=f"b{batch} d{dim} l{seqlen} n{dstate}", mode=mode,
+                             tune=tune or "heuristic", ms=ms, anchor_ms=anchor,
                              anchor_ratio=anchor / ms))
     os.environ.pop(TUNE_VARIABLE, None)
-    harness.write_results("selective_scan_reverse_segment_sweep", rows, device,
-                          ["shape", "mode", "reverse_segments", "ms", "anchor_ms",
-                           "anchor_ratio"])
+    harness.write_results("selective_scan_segment_sweep", rows, device,
+                          ["shape", "mode", "tune", "ms", "anchor_ms", "anchor_ratio"])
 
 
 if __name__ == "__main__":

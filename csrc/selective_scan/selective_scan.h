@@ -22,9 +22,11 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 #include "common/math.h"
 
@@ -199,39 +201,57 @@ inline SelectiveScanCudaGeometry selective_scan_fwd_cuda_geometry(const Selectiv
   return selective_scan_cuda_geometry(p.dim, p.ngroups, p.dstate, double_precision, 16, 16, 4,
                                       2);
 }
-// Segment length of a length-parallel launch of geometry g (0: none). The passes cost about twice
-// the work, so only a launch below half of `warps_per_sm` an SM (of 132) is cut, into enough
-// segments to reach it, each of at least `min_chunks` chunks.
+// MAMBA_EXT_SCAN_TUNE, a knob for benchmarks and tests: "forward_segments=K",
+// "reverse_segments=K" or both (comma-separated) ask a pass for K segments (K = 1: none)
+// wherever it can take them. 0: not asked.
+inline int64_t selective_scan_cuda_asked_segments(const char* pass) {
+  const char* tune = std::getenv("MAMBA_EXT_SCAN_TUNE");
+  const char* setting = tune == nullptr ? nullptr : std::strstr(tune, pass);
+  long long asked = 0;
+  if (setting == nullptr || std::sscanf(setting + std::strlen(pass), "=%lld", &asked) != 1) {
+    return 0;
+  }
+  return asked >= 1 ? asked : 0;
+}
+// Length parallelism of a pass of geometry g: how many warps an SM it holds (of 132 SMs), cut
+// below `cut_below_waves` of them into enough segments to reach `target_waves`, each of at
+// least `min_chunks` chunks (so a segment's second pass outweighs its share of the extra work).
+struct SelectiveScanCudaSegmentRule {
+  const char* pass;
+  int64_t warps_per_sm, min_chunks;
+  double cut_below_waves, target_waves;
+};
+// Segment length (a multiple of the chunk) of the launch of geometry g; 0: none.
 inline int64_t selective_scan_cuda_segment_len(const SelectiveScanFwdParams& p,
                                                const SelectiveScanCudaGeometry& g,
-                                               int64_t warps_per_sm, int64_t min_chunks) {
-  const int64_t warps = p.batch * p.ngroups * g.channel_blocks_per_group * g.threads() / 32;
-  const int64_t target_warps = 132 * warps_per_sm, nchunks = g.chunks(p.seqlen);
-  if (warps == 0 || 2 * warps >= target_warps) return 0;
-  const int64_t segments =
-      std::min<int64_t>((target_warps + warps - 1) / warps, nchunks / min_chunks);
+                                               const SelectiveScanCudaSegmentRule& rule) {
+  const int64_t nchunks = g.chunks(p.seqlen), asked = selective_scan_cuda_asked_segments(rule.pass);
+  int64_t segments = std::min(asked, nchunks);
+  if (asked == 0) {
+    const int64_t warps = p.batch * p.ngroups * g.channel_blocks_per_group * g.threads() / 32;
+    const double waves = static_cast<double>(warps) / (132 * rule.warps_per_sm);
+    if (warps == 0 || waves >= rule.cut_below_waves) return 0;
+    segments = std::min<int64_t>(static_cast<int64_t>(std::ceil(rule.target_waves / waves)),
+                                 nchunks / rule.min_chunks);
+  }
   if (segments < 2) return 0;
   return (nchunks + segments - 1) / segments * g.chunk;
 }
-// The forward's: 16 warps an SM, segments of at least 4 chunks.
+// The forward's: 16 warps an SM; its pass 1 is a whole forward, so only below half a wave, to
+// one wave; segments of at least 4 chunks.
 inline int64_t selective_scan_fwd_cuda_segment_len(const SelectiveScanFwdParams& p,
                                                    bool double_precision) {
   const SelectiveScanCudaGeometry g = selective_scan_fwd_cuda_geometry(p, double_precision);
-  return selective_scan_cuda_segment_len(p, g, 16, 4);
+  return selective_scan_cuda_segment_len(p, g, {"forward_segments", 16, 4, 0.5, 1.0});
 }
-// The reverse pass's: the backward's 12 warps an SM, segments of at least 8 chunks; one slice
-// block. A tuning knob for benchmarks and tests, MAMBA_EXT_SCAN_TUNE=reverse_segments=K, asks
-// for K segments (of at least one chunk; K = 1: none) wherever the reverse pass can take them.
+// The reverse pass's (one slice block only): the backward's 12 warps an SM. Its pass 1 is light
+// (dh alone), and the tail of a launch of 1-2 waves cost 5-13% (H100 sweep,
+// selective_scan_reverse_segment_sweep.md), so below two waves it is cut to about 3.5: the
+// b8 d4096 launch (1.3 waves) into 3 segments, b1 d4096 into 22; segments of 8 chunks or more.
 inline int64_t selective_scan_bwd_cuda_reverse_segment_len(const SelectiveScanFwdParams& p,
                                                            const SelectiveScanCudaGeometry& g) {
   if (g.slice_blocks > 1) return 0;
-  const char* tune = std::getenv("MAMBA_EXT_SCAN_TUNE");
-  long long asked = 0;
-  if (tune != nullptr && std::sscanf(tune, "reverse_segments=%lld", &asked) == 1 && asked >= 1) {
-    const int64_t nchunks = g.chunks(p.seqlen), segments = std::min<int64_t>(asked, nchunks);
-    return segments < 2 ? 0 : (nchunks + segments - 1) / segments * g.chunk;
-  }
-  return selective_scan_cuda_segment_len(p, g, 12, 8);
+  return selective_scan_cuda_segment_len(p, g, {"reverse_segments", 12, 8, 2.0, 3.5});
 }
 inline SelectiveScanCudaGeometry selective_scan_bwd_cuda_geometry(const SelectiveScanFwdParams& p,
                                                                   bool double_precision) {

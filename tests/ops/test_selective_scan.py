@@ -733,13 +733,14 @@ def check_varlen_backward(case, per_sequence, padding, dtype, device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("segments", [1, 3, 40])
+@pytest.mark.parametrize("tune", ["reverse_segments=1", "reverse_segments=3", "reverse_segments=40",
+                                  "forward_segments=5,reverse_segments=2"])
 @pytest.mark.parametrize("packing", ["none", "per_row", "per_sequence"])
-def test_cuda_backward_in_asked_reverse_segments_matches_reference(packing, segments,
-                                                                   monkeypatch):
-    # MAMBA_EXT_SCAN_TUNE asks the backward for K reverse segments (its heuristic takes 2 here):
-    # 1 runs none, 40 gives 21 segments of one chunk, the last of 13 tokens.
-    monkeypatch.setenv("MAMBA_EXT_SCAN_TUNE", f"reverse_segments={segments}")
+def test_cuda_backward_in_asked_segments_matches_reference(packing, tune, monkeypatch):
+    # MAMBA_EXT_SCAN_TUNE asks the passes for K segments (the heuristic takes 2 in each here):
+    # 1 runs none, 40 reverse segments give 21 of one 16-token chunk, the last of 13 tokens; 5
+    # forward segments (the backward's checkpoint pass too) give 4 of three 32-token chunks.
+    monkeypatch.setenv("MAMBA_EXT_SCAN_TUNE", tune)
     case = Case(batch=2, dim=70, dstate=16, seqlen=333, initial_state=True)
     if packing == "none":
         check_backward(case, torch.float32, "cuda")

@@ -108,7 +108,7 @@ __device__ __forceinline__ void cp_async_acc(acc_t* smem, const acc_t* gmem, boo
 }
 
 // At most 168 registers: 3 blocks an SM of up to 128 threads.
-template <typename input_t, bool kPacked>
+template <typename input_t, bool kGeneral>
 __global__ void __launch_bounds__(128, 3)
     selective_scan_bwd_kernel(const SelectiveScanBwdParams p, const SelectiveScanCudaGeometry g,
                               const BwdTiles<input_t> tiles, const BwdVectorized vec) {
@@ -130,7 +130,11 @@ __global__ void __launch_bounds__(128, 3)
   const bool channel_valid = c < valid_channels;
   const bool per_sequence = p.num_sequences > 0, odd = pos.lane_slice != 0;
   const bool finish_here = g.slice_blocks == 1, has_z = p.z != nullptr;
-  const bool variable_BC = p.is_variable_B || p.is_variable_C;
+  // The plain instance (kGeneral false) serves the common case alone, no seq_idx and both B and C
+  // variable, so that its token loop carries no (predicated) code for the others.
+  const bool packed = kGeneral && p.seq_idx != nullptr;
+  const bool variable_B = !kGeneral || p.is_variable_B, variable_C = !kGeneral || p.is_variable_C;
+  const bool variable_BC = variable_B || variable_C;
   const int warp = threadIdx.x / 32;
 
   auto rows = [&](const void* ptr, int64_t batch_stride, int64_t dim_stride) {
@@ -205,8 +209,8 @@ __global__ void __launch_bounds__(128, 3)
   const int state_offset = static_cast<int>(pos.state0 - pos.block_state0);
   const acc_t* B_base = BC.B_base(p, c, state_offset);
   const acc_t* C_base = BC.C_base(p, c, state_offset);
-  const int B_token_stride = p.is_variable_B ? pos.padded_states : 0;
-  const int C_token_stride = p.is_variable_C ? pos.padded_states : 0;
+  const int B_token_stride = variable_B ? pos.padded_states : 0;
+  const int C_token_stride = variable_C ? pos.padded_states : 0;
 
   acc_t A2[kBwdStates], dh[kBwdStates], dA[kBwdStates];
   load_thread_states(A2, p.A, channel * p.A_dim_stride, p.A_dstate_stride, p, pos);
@@ -215,7 +219,7 @@ __global__ void __launch_bounds__(128, 3)
     A2[i] *= acc_t(kLog2e);
     dA[i] = 0;
   }
-  if (!p.is_variable_B || !p.is_variable_C) {
+  if (!variable_B || !variable_C) {
     for (int i = 0; i < 2 * kBwdStates; ++i) s_const[i] = 0;
   }
   const acc_t bias =
@@ -270,7 +274,7 @@ __global__ void __launch_bounds__(128, 3)
   const int64_t chunk_hi = chunk_lo + segment_chunks < nchunks ? chunk_lo + segment_chunks : nchunks;
   // A segment before the last continues the sequence of the token after it (pass 1 too: its
   // dh from 0 stands for the part the combine adds).
-  if (kPacked && !last_segment) next_seq = sequence_of(p, pos.batch, chunk_hi * kChunk);
+  if (packed && !last_segment) next_seq = sequence_of(p, pos.batch, chunk_hi * kChunk);
   if (chunk_lo < chunk_hi) issue_loads(chunk_hi - 1, (chunk_hi - 1) & 1);
   for (int64_t chunk_index = chunk_hi - 1; chunk_index >= chunk_lo; --chunk_index) {
     const int64_t token0 = chunk_index * kChunk;
@@ -290,16 +294,16 @@ __global__ void __launch_bounds__(128, 3)
     const int chunk_tokens =
         static_cast<int>(p.seqlen - token0 < kChunk ? p.seqlen - token0 : kChunk);
     const int64_t seq_before =
-        kPacked && token0 > 0 ? sequence_of(p, pos.batch, token0 - 1) : kNoSequence;
+        packed && token0 > 0 ? sequence_of(p, pos.batch, token0 - 1) : kNoSequence;
     const input_t* row_u = tile_u + c * kPitch;
     const input_t* row_delta = tile_delta + c * kPitch;
     // Whether a sequence starts at chunk token t (the same for the block).
     auto starts_at = [&](int t) {
-      return kPacked && t < chunk_tokens &&
+      return packed && t < chunk_tokens &&
              s_seq[t] != (t > 0 ? int64_t(s_seq[t - 1]) : seq_before);
     };
     auto live_at = [&](int t) {
-      return t < chunk_tokens && (!kPacked || s_seq[t] != kPadding);
+      return t < chunk_tokens && (!packed || s_seq[t] != kPadding);
     };
     // dt of tokens t and t + 1: each lane of the pair computes one, a shuffle hands it over.
     auto dt_pair = [&](int t, acc_t& dt0, acc_t& dt1) {
@@ -314,7 +318,7 @@ __global__ void __launch_bounds__(128, 3)
     // thread's dD and ddelta_bias sums.
     auto finish_token = [&](int ce, int t, acc_t D, acc_t bias_ce, acc_t y, acc_t P1, acc_t P2) {
       const int index = ce * kPitch + t;
-      if (kPacked && s_seq[t] == kPadding) {
+      if (packed && s_seq[t] == kPadding) {
         tile_u[index] = tile_delta[index] = tile_z[index] = from_acc<input_t>(acc_t(0));
         return;
       }
@@ -334,7 +338,7 @@ __global__ void __launch_bounds__(128, 3)
       // A sequence end restarts dh as pass 2 will, and cuts the segment's decay to 0: what
       // comes before it no longer depends on the dh the segment's end receives.
       for (int t = chunk_tokens - 1; t >= 0; --t) {
-        if (kPacked && s_seq[t] != next_seq) {
+        if (packed && s_seq[t] != next_seq) {
           end_sequence(s_seq[t]);
           next_seq = s_seq[t];
 #pragma unroll
@@ -437,7 +441,7 @@ __global__ void __launch_bounds__(128, 3)
 #pragma unroll
       for (int j = kBwdSub - 1; j >= 0; --j) {
         const int t = t0 + j;
-        if (kPacked && t < chunk_tokens && s_seq[t] != next_seq) {
+        if (packed && t < chunk_tokens && s_seq[t] != next_seq) {
           // Token t ends its sequence: dh held the gradient of the next one's start state.
           end_sequence(s_seq[t]);
           next_seq = s_seq[t];
@@ -461,11 +465,11 @@ __global__ void __launch_bounds__(128, 3)
         sums_s[0][j] = y + __shfl_xor_sync(0xffffffffu, y, 1);
         sums_s[1][j] = (P1 + __shfl_xor_sync(0xffffffffu, P1, 1)) * acc_t(1.0 / kLog2e);
         sums_s[2][j] = P2 + __shfl_xor_sync(0xffffffffu, P2, 1);
-        if (!p.is_variable_B || !p.is_variable_C) {
+        if (!variable_B || !variable_C) {
 #pragma unroll
           for (int i = 0; i < kBwdStates; ++i) {
-            if (!p.is_variable_B) s_const[i] += dB[i];
-            if (!p.is_variable_C) s_const[kBwdStates + i] += dC[i];
+            if (!variable_B) s_const[i] += dB[i];
+            if (!variable_C) s_const[kBwdStates + i] += dC[i];
           }
         }
         if (variable_BC) {
@@ -477,11 +481,12 @@ __global__ void __launch_bounds__(128, 3)
                 State4{{v[0], v[1], v[2], v[3]}};
           }
           __syncwarp();
-          acc_t sum = 0;
+          // Two chains of 8 adds rather than one of 16 (a full tree spills).
+          acc_t sum[2] = {0, 0};
 #pragma unroll
           for (int cw = 0; cw < 16; ++cw)
-            sum += s_warp_rows[cw * 2 * kRow + (sum_place ^ (4 * (cw % 4)))];
-          s_lane_sums[(warp * kChunk + t) * kSumStride + pos.lane] = sum;
+            sum[cw % 2] += s_warp_rows[cw * 2 * kRow + (sum_place ^ (4 * (cw % 4)))];
+          s_lane_sums[(warp * kChunk + t) * kSumStride + pos.lane] = sum[0] + sum[1];
           __syncwarp();
         }
       }
@@ -537,7 +542,7 @@ __global__ void __launch_bounds__(128, 3)
       const int t = e % kChunk, key = (e / kChunk) % 32, slice = e / (32 * kChunk);
       const int which = key / 16;
       const int64_t n = pos.block_state0 + slice * 16 + key % 16;
-      if (!(which == 0 ? p.is_variable_B : p.is_variable_C) || n >= p.dstate || t >= chunk_tokens)
+      if (!(which == 0 ? variable_B : variable_C) || n >= p.dstate || t >= chunk_tokens)
         continue;
       acc_t sum = 0;
       for (int cw = 0; cw < g.channel_warps; ++cw)
@@ -587,8 +592,8 @@ __global__ void __launch_bounds__(128, 3)
       const int64_t n = pos.state0 + i;
       if (n >= p.dstate) continue;
       write_slot(weights + n, dA[i], p.deterministic);
-      if (!p.is_variable_B) write_slot(weights + p.dstate + n, s_const[i], p.deterministic);
-      if (!p.is_variable_C)
+      if (!variable_B) write_slot(weights + p.dstate + n, s_const[i], p.deterministic);
+      if (!variable_C)
         write_slot(weights + 2 * p.dstate + n, s_const[kBwdStates + i], p.deterministic);
     }
   }
@@ -645,8 +650,9 @@ cudaError_t run_selective_scan_bwd(const SelectiveScanBwdParams& p, cudaStream_t
                                           p.dz_seqlen_stride);
   state_inputs_vectorized<input_t>(p, vec.B, vec.C);
   const size_t smem = tiles.total();
-  auto kernel = p.seq_idx ? &selective_scan_bwd_kernel<input_t, true>
-                          : &selective_scan_bwd_kernel<input_t, false>;
+  const bool general = p.seq_idx != nullptr || !(p.is_variable_B && p.is_variable_C);
+  auto kernel = general ? &selective_scan_bwd_kernel<input_t, true>
+                        : &selective_scan_bwd_kernel<input_t, false>;
   error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (error != cudaSuccess) return error;
   const int64_t grid_x = g.channel_blocks_per_group * p.ngroups;

@@ -122,15 +122,17 @@ __device__ __forceinline__ void load_tile(input_t* tile, const input_t* base, in
   constexpr int kPitch = TileRow<input_t, kChunk>::kPitchElements;
   constexpr int kPerVec = Vec16<input_t>::kSize, kVecs = kChunk / kPerVec;
   if (vectorized) {
-    for (int e = threadIdx.x; e < rows * kVecs; e += blockDim.x) {
-      const int r = e / kVecs, v = e % kVecs;
-      const int64_t token = token0 + v * kPerVec;
-      const int64_t left = seqlen - token;
-      const int bytes = (r < valid_rows && left > 0)
-                            ? static_cast<int>(left < kPerVec ? left : kPerVec) * sizeof(input_t)
-                            : 0;
-      cp_async_16(tile + r * kPitch + v * kPerVec, bytes ? base + r * row_stride + token : base,
-                  bytes);
+    // A thread's copies share one vector of tokens (blocks are whole warps, kVecs divides 32):
+    // its bounds and address once, then steps of rows.
+    const int v = threadIdx.x % kVecs, row_step = blockDim.x / kVecs;
+    const int64_t token = token0 + v * kPerVec, left = seqlen - token;
+    const int vec_bytes =
+        left <= 0 ? 0 : static_cast<int>(left < kPerVec ? left : kPerVec) * sizeof(input_t);
+    int r = threadIdx.x / kVecs;
+    const input_t* src = base + r * row_stride + token;
+    for (; r < rows; r += row_step, src += row_step * row_stride) {
+      const int bytes = r < valid_rows ? vec_bytes : 0;
+      cp_async_16(tile + r * kPitch + v * kPerVec, bytes ? src : base, bytes);
     }
   } else {
     for (int e = threadIdx.x; e < rows * kChunk; e += blockDim.x) {
@@ -153,15 +155,16 @@ __device__ __forceinline__ void store_tile(const input_t* tile, input_t* base, i
   constexpr int kPitch = TileRow<input_t, kChunk>::kPitchElements;
   constexpr int kPerVec = Vec16<input_t>::kSize, kVecs = kChunk / kPerVec;
   if (vectorized) {
-    for (int e = threadIdx.x; e < rows * kVecs; e += blockDim.x) {
-      const int r = e / kVecs, v = e % kVecs;
-      const int64_t token = token0 + v * kPerVec;
+    const int v = threadIdx.x % kVecs, row_step = blockDim.x / kVecs;  // as load_tile
+    const int64_t token = token0 + v * kPerVec, left = seqlen - token;
+    int r = threadIdx.x / kVecs;
+    input_t* dst = base + r * row_stride + token;
+    for (; r < rows; r += row_step, dst += row_step * row_stride) {
       const input_t* src = tile + r * kPitch + v * kPerVec;
-      input_t* dst = base + r * row_stride + token;
-      if (token + kPerVec <= seqlen) {
+      if (left >= kPerVec) {
         *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
       } else {
-        for (int j = 0; token + j < seqlen; ++j) dst[j] = src[j];
+        for (int j = 0; j < left; ++j) dst[j] = src[j];
       }
     }
   } else {
@@ -220,6 +223,29 @@ template <typename input_t, int kChunk> struct StateInputStage {
   // s_B[t][n], s_C[t][n] of the chunk at token0, once its raw tiles are in.
   __device__ void stage(const SelectiveScanFwdParams& p, int64_t token0,
                         int64_t token_end) const {
+    if (async) {
+      // Two tokens of one state a step: lane % 16 picks the state in its group of 16 (states
+      // is a multiple of 16, blocks are whole warps), the half-warp the (group, token pair).
+      struct alignas(2 * sizeof(input_t)) Pair {
+        input_t v[2];
+      };
+      constexpr int kPairs = kChunk / 2;
+      const int n_in_group = threadIdx.x % 16;
+      for (int q = threadIdx.x / 16; q < states / 16 * kPairs; q += blockDim.x / 16) {
+        const int n = q / kPairs * 16 + n_in_group, t = q % kPairs * 2;
+        if (p.is_variable_B) {
+          const Pair b = *reinterpret_cast<const Pair*>(raw_B + n * kPitch + t);
+          s_B[t * states + n] = to_acc(b.v[0]);
+          s_B[(t + 1) * states + n] = to_acc(b.v[1]);
+        }
+        if (p.is_variable_C) {
+          const Pair c = *reinterpret_cast<const Pair*>(raw_C + n * kPitch + t);
+          s_C[t * states + n] = to_acc(c.v[0]);
+          s_C[(t + 1) * states + n] = to_acc(c.v[1]);
+        }
+      }
+      return;
+    }
     // e = t * states + n, stepped without a division a step.
     const int step_t = blockDim.x / states, step_n = blockDim.x % states;
     int n = threadIdx.x % states, t = threadIdx.x / states;
@@ -228,13 +254,11 @@ template <typename input_t, int kChunk> struct StateInputStage {
              n += n + step_n >= states ? step_n - states : step_n) {
       const bool valid = n < valid_states && token0 + t < token_end;
       if (p.is_variable_B)
-        s_B[e] = async ? to_acc(raw_B[n * kPitch + t])
-                 : valid ? to_acc(B_rows[n * p.B_dstate_stride + (token0 + t) * p.B_seqlen_stride])
-                         : acc_t(0);
+        s_B[e] = valid ? to_acc(B_rows[n * p.B_dstate_stride + (token0 + t) * p.B_seqlen_stride])
+                       : acc_t(0);
       if (p.is_variable_C)
-        s_C[e] = async ? to_acc(raw_C[n * kPitch + t])
-                 : valid ? to_acc(C_rows[n * p.C_dstate_stride + (token0 + t) * p.C_seqlen_stride])
-                         : acc_t(0);
+        s_C[e] = valid ? to_acc(C_rows[n * p.C_dstate_stride + (token0 + t) * p.C_seqlen_stride])
+                       : acc_t(0);
     }
   }
 
@@ -432,7 +456,8 @@ __global__ void __launch_bounds__(512, 1)
             if (live[k]) {
               const int id = s_seq[t];
               if (id != prev_id) {  // a sequence starts (the same for the whole block)
-                if (per_sequence && prev_id >= 0) store_state(p.last_state, prev_id);  // not padding
+                if (per_sequence && prev_id >= 0)  // not padding
+                  store_state(p.last_state, prev_id);
                 load_start_state(h, p, pos, id, token0 + t);
                 prev_id = id;
                 dt_sum = 0;

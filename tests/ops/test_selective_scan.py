@@ -147,6 +147,21 @@ def test_forward_matches_reference(case, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seqlen", [7, 8, 9, 31, 32, 33, 65])
+def test_forward_at_vector_and_chunk_ends(seqlen, dtype, device):
+    # The CUDA forward runs whole vectors of tokens (8 in 16-bit types, 4 in float32) without a
+    # mask and the segment's last partial vector with one; chunks are 32 tokens.
+    needs_kernel(device)
+    case = Case(batch=2, dim=20, dstate=16, seqlen=seqlen, initial_state=True)
+    inputs = make_inputs(case, device, dtype)
+    out, last_state = run_op(inputs, case)
+    out_ref, last_ref = run_reference(as_reference(inputs), case)
+    assert_close(out, out_ref, dtype, "out")
+    assert_close(last_state, last_ref, torch.float32, "last_state")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=str)
 def test_backward_matches_reference(case, dtype, device):
     check_backward(case, dtype, device)

@@ -39,17 +39,18 @@ template <> __device__ __forceinline__ double exp2_approx<double>(double x) { re
 // softplus(x) = max(x, 0) + log1p(e) with e = exp(-|x|) in (0, 1], and log1p(e) = 2 atanh(s),
 // s = e / (2 + e) in (0, 1/3]: the odd series to s^11 is within 2e-7 relative (about 14
 // instructions, against log1pf's library call). Above 20 the log1p term is below x's ulp, as
-// torch's threshold has it.
+// torch's threshold has it. The series' coefficients carry the factor 2 (exact: the same bits
+// as 2 s times the series, one instruction less).
 __device__ __forceinline__ float softplus_fast(float x) {
   const float e = exp2_approx(fabsf(x) * -float(kLog2e));  // flushes below 2^-126 to 0
   const float s = __fdividef(e, 2.0f + e), s2 = s * s;
-  float p = 1.0f / 11.0f;
-  p = p * s2 + 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  return fmaxf(x, 0.0f) + 2.0f * s * p;
+  float p = 2.0f / 11.0f;
+  p = p * s2 + 2.0f / 9.0f;
+  p = p * s2 + 2.0f / 7.0f;
+  p = p * s2 + 2.0f / 5.0f;
+  p = p * s2 + 2.0f / 3.0f;
+  p = p * s2 + 2.0f;
+  return fmaxf(x, 0.0f) + s * p;
 }
 __device__ __forceinline__ double softplus_fast(double x) { return softplus(x); }
 // Far below 0 the exp overflows to inf and the quotients to 0 (silu: -0).

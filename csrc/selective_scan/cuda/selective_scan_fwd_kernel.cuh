@@ -88,6 +88,30 @@ template <typename T> __device__ __forceinline__ Vec16<T> load_vec16(const T* sm
   return r;
 }
 
+// Element i of a vector in acc_t. A bfloat16 pair is one word: the element is its low half
+// shifted up or its high half masked, one instruction.
+template <typename T>
+__device__ __forceinline__ acc_type<T> vector_element(const Vec16<T>& vec, int i) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const uint32_t word = reinterpret_cast<const uint32_t*>(vec.v)[i / 2];
+    return __uint_as_float(i % 2 ? word & 0xffff0000u : word << 16);
+  } else {
+    return to_acc(vec.v[i]);
+  }
+}
+
+// Element j + odd of a vector (j even) in acc_t: a lane pair's two lanes take the two elements
+// of a pair. For bfloat16 one byte permutation of the pair's word (the selector chosen once).
+template <typename T>
+__device__ __forceinline__ acc_type<T> pair_element(const Vec16<T>& vec, int j, bool odd) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const uint32_t word = reinterpret_cast<const uint32_t*>(vec.v)[j / 2];
+    return __uint_as_float(__byte_perm(word, 0, odd ? 0x3244 : 0x1044));
+  } else {
+    return to_acc(odd ? vec.v[j + 1] : vec.v[j]);
+  }
+}
+
 // Rows [0, rows) x tokens [token0, token0 + kChunk) of a (row, token) matrix at `base` into
 // tile[rows][kPitchElements]; zeros for rows >= valid_rows and tokens >= seqlen. Vectorised:
 // asynchronous 16-byte copies; otherwise element by element.
@@ -98,15 +122,17 @@ __device__ __forceinline__ void load_tile(input_t* tile, const input_t* base, in
   constexpr int kPitch = TileRow<input_t, kChunk>::kPitchElements;
   constexpr int kPerVec = Vec16<input_t>::kSize, kVecs = kChunk / kPerVec;
   if (vectorized) {
-    for (int e = threadIdx.x; e < rows * kVecs; e += blockDim.x) {
-      const int r = e / kVecs, v = e % kVecs;
-      const int64_t token = token0 + v * kPerVec;
-      const int64_t left = seqlen - token;
-      const int bytes = (r < valid_rows && left > 0)
-                            ? static_cast<int>(left < kPerVec ? left : kPerVec) * sizeof(input_t)
-                            : 0;
-      cp_async_16(tile + r * kPitch + v * kPerVec, bytes ? base + r * row_stride + token : base,
-                  bytes);
+    // A thread's copies share one vector of tokens (blocks are whole warps, kVecs divides 32):
+    // its bounds and address once, then steps of rows.
+    const int v = threadIdx.x % kVecs, row_step = blockDim.x / kVecs;
+    const int64_t token = token0 + v * kPerVec, left = seqlen - token;
+    const int vec_bytes =
+        left <= 0 ? 0 : static_cast<int>(left < kPerVec ? left : kPerVec) * sizeof(input_t);
+    int r = threadIdx.x / kVecs;
+    const input_t* src = base + r * row_stride + token;
+    for (; r < rows; r += row_step, src += row_step * row_stride) {
+      const int bytes = r < valid_rows ? vec_bytes : 0;
+      cp_async_16(tile + r * kPitch + v * kPerVec, bytes ? src : base, bytes);
     }
   } else {
     for (int e = threadIdx.x; e < rows * kChunk; e += blockDim.x) {
@@ -129,15 +155,16 @@ __device__ __forceinline__ void store_tile(const input_t* tile, input_t* base, i
   constexpr int kPitch = TileRow<input_t, kChunk>::kPitchElements;
   constexpr int kPerVec = Vec16<input_t>::kSize, kVecs = kChunk / kPerVec;
   if (vectorized) {
-    for (int e = threadIdx.x; e < rows * kVecs; e += blockDim.x) {
-      const int r = e / kVecs, v = e % kVecs;
-      const int64_t token = token0 + v * kPerVec;
+    const int v = threadIdx.x % kVecs, row_step = blockDim.x / kVecs;  // as load_tile
+    const int64_t token = token0 + v * kPerVec, left = seqlen - token;
+    int r = threadIdx.x / kVecs;
+    input_t* dst = base + r * row_stride + token;
+    for (; r < rows; r += row_step, dst += row_step * row_stride) {
       const input_t* src = tile + r * kPitch + v * kPerVec;
-      input_t* dst = base + r * row_stride + token;
-      if (token + kPerVec <= seqlen) {
+      if (left >= kPerVec) {
         *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
       } else {
-        for (int j = 0; token + j < seqlen; ++j) dst[j] = src[j];
+        for (int j = 0; j < left; ++j) dst[j] = src[j];
       }
     }
   } else {
@@ -196,6 +223,29 @@ template <typename input_t, int kChunk> struct StateInputStage {
   // s_B[t][n], s_C[t][n] of the chunk at token0, once its raw tiles are in.
   __device__ void stage(const SelectiveScanFwdParams& p, int64_t token0,
                         int64_t token_end) const {
+    if (async) {
+      // Two tokens of one state a step: lane % 16 picks the state in its group of 16 (states
+      // is a multiple of 16, blocks are whole warps), the half-warp the (group, token pair).
+      struct alignas(2 * sizeof(input_t)) Pair {
+        input_t v[2];
+      };
+      constexpr int kPairs = kChunk / 2;
+      const int n_in_group = threadIdx.x % 16;
+      for (int q = threadIdx.x / 16; q < states / 16 * kPairs; q += blockDim.x / 16) {
+        const int n = q / kPairs * 16 + n_in_group, t = q % kPairs * 2;
+        if (p.is_variable_B) {
+          const Pair b = *reinterpret_cast<const Pair*>(raw_B + n * kPitch + t);
+          s_B[t * states + n] = to_acc(b.v[0]);
+          s_B[(t + 1) * states + n] = to_acc(b.v[1]);
+        }
+        if (p.is_variable_C) {
+          const Pair c = *reinterpret_cast<const Pair*>(raw_C + n * kPitch + t);
+          s_C[t * states + n] = to_acc(c.v[0]);
+          s_C[(t + 1) * states + n] = to_acc(c.v[1]);
+        }
+      }
+      return;
+    }
     // e = t * states + n, stepped without a division a step.
     const int step_t = blockDim.x / states, step_n = blockDim.x % states;
     int n = threadIdx.x % states, t = threadIdx.x / states;
@@ -204,13 +254,11 @@ template <typename input_t, int kChunk> struct StateInputStage {
              n += n + step_n >= states ? step_n - states : step_n) {
       const bool valid = n < valid_states && token0 + t < token_end;
       if (p.is_variable_B)
-        s_B[e] = async ? to_acc(raw_B[n * kPitch + t])
-                 : valid ? to_acc(B_rows[n * p.B_dstate_stride + (token0 + t) * p.B_seqlen_stride])
-                         : acc_t(0);
+        s_B[e] = valid ? to_acc(B_rows[n * p.B_dstate_stride + (token0 + t) * p.B_seqlen_stride])
+                       : acc_t(0);
       if (p.is_variable_C)
-        s_C[e] = async ? to_acc(raw_C[n * kPitch + t])
-                 : valid ? to_acc(C_rows[n * p.C_dstate_stride + (token0 + t) * p.C_seqlen_stride])
-                         : acc_t(0);
+        s_C[e] = valid ? to_acc(C_rows[n * p.C_dstate_stride + (token0 + t) * p.C_seqlen_stride])
+                       : acc_t(0);
     }
   }
 
@@ -368,88 +416,127 @@ __global__ void __launch_bounds__(512, 1)
     if (chunk_index + 1 < chunk_end) issue_loads(chunk_index + 1, (chunk_index + 1) & 1);
 
     input_t* row_u = tile_u + c * kPitch;
+    const input_t* row_delta = row_u + channels * kPitch;
+    const input_t* row_z = row_delta + channels * kPitch;
     const int chunk_tokens =
         static_cast<int>(token_end - token0 < kChunk ? token_end - token0 : kChunk);
-    // A lane pair shares each channel (8 states each): each lane computes dt for every other
-    // token and finishes every other output; a shuffle hands over the rest.
+    // This thread's B and C of the chunk's next token.
+    const acc_t* B_t = B_base;
+    const acc_t* C_t = C_base;
+    // A lane pair shares each channel (8 states each) and takes the tokens by pairs: each lane
+    // computes dt of its token of the pair (odd: the second) and finishes its output; a shuffle
+    // hands over the other dt and the other half of its C contraction.
     const bool odd = pos.lane_slice != 0;
-#pragma unroll 1
-    for (int v = 0; v < kVecs; ++v) {
-      if (kCheckpoints && v * kPerVec % kCheckpoint == 0 && token0 + v * kPerVec < token_end)
-        store_thread_states(h, p.checkpoints,
-                            checkpoint_row + (token0 + v * kPerVec) / kCheckpoint * p.dstate, 1,
-                            p, pos);
+    // One vector of tokens. kOut: the output (has_out); kMasked: a vector with tokens past the
+    // segment's end (dt 0 leaves the state as it is) or with sequence checks (kPacked).
+    auto vector_step = [&](int v, auto out_tag, auto masked_tag) {
+      constexpr bool kOut = decltype(out_tag)::value, kMasked = decltype(masked_tag)::value;
       const Vec16<input_t> u_v = load_vec16(row_u + v * kPerVec);
-      const Vec16<input_t> delta_v = load_vec16(row_u + channels * kPitch + v * kPerVec);
+      const Vec16<input_t> delta_v = load_vec16(row_delta + v * kPerVec);
       Vec16<input_t> z_v;
-      if (z_rows != nullptr) z_v = load_vec16(tile_z + c * kPitch + v * kPerVec);
-      acc_t dt[kPerVec], y[kPerVec];
-      bool live[kPerVec];
+      if (kOut && z_rows != nullptr) z_v = load_vec16(row_z + v * kPerVec);
+      acc_t y_mine[kPerVec / 2];  // the output of this lane's token of each pair, before D
+      bool live_mine[kPerVec / 2];
 #pragma unroll
       for (int j = 0; j < kPerVec; j += 2) {
-        acc_t mine = to_acc(odd ? delta_v.v[j + 1] : delta_v.v[j]) + bias;
+        acc_t mine = pair_element(delta_v, j, odd) + bias;
         if (p.delta_softplus) mine = softplus_fast(mine);
+        if (kMasked && !kPacked) mine = v * kPerVec + j + odd < chunk_tokens ? mine : acc_t(0);
+        if (!kPacked) dt_sum += mine;  // this lane's tokens; the pair's sum at the end
         const acc_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
-        dt[j] = odd ? other : mine;
-        dt[j + 1] = odd ? mine : other;
-      }
+        const acc_t dt_pair[2] = {odd ? other : mine, odd ? mine : other};
+        acc_t y[2];
+        bool live[2] = {true, true};
 #pragma unroll
-      for (int j = 0; j < kPerVec; ++j) {
-        const int t = v * kPerVec + j;
-        live[j] = t < chunk_tokens;
-        if (kPacked && live[j]) {
-          const int id = s_seq[t];
-          if (id != prev_id) {  // a sequence starts (the same for the whole block)
-            if (per_sequence && prev_id >= 0) store_state(p.last_state, prev_id);  // not padding
-            load_start_state(h, p, pos, id, token0 + t);
-            prev_id = id;
-            dt_sum = 0;
-            restarted = true;
+        for (int k = 0; k < 2; ++k) {
+          const int t = v * kPerVec + j + k;
+          acc_t dt = dt_pair[k];
+          if (kPacked) {
+            live[k] = t < chunk_tokens;
+            if (live[k]) {
+              const int id = s_seq[t];
+              if (id != prev_id) {  // a sequence starts (the same for the whole block)
+                if (per_sequence && prev_id >= 0)  // not padding
+                  store_state(p.last_state, prev_id);
+                load_start_state(h, p, pos, id, token0 + t);
+                prev_id = id;
+                dt_sum = 0;
+                restarted = true;
+              }
+              live[k] = id != kPadding;
+            }
+            dt = live[k] ? dt : acc_t(0);
+            dt_sum += dt;
           }
-          live[j] = id != kPadding;
-        }
-        const acc_t dt_j = live[j] ? dt[j] : acc_t(0);
-        const acc_t dtu = dt_j * to_acc(u_v.v[j]);
-        dt_sum += dt_j;
-        acc_t B[kFwdStates];
-        load_smem_states(B, B_base + t * B_token_stride);
-        if (has_out) {
-          acc_t C[kFwdStates];
-          load_smem_states(C, C_base + t * C_token_stride);
-          // Partial sums: one chain of dependent FMAs a token would stall the warp.
-          acc_t y_part[4] = {0, 0, 0, 0};
+          const acc_t dtu = dt * vector_element(u_v, j + k);
+          acc_t B[kFwdStates];
+          load_smem_states(B, B_t);
+          B_t += B_token_stride;
+          if (kOut) {
+            acc_t C[kFwdStates];
+            load_smem_states(C, C_t);
+            C_t += C_token_stride;
+            // Two partial sums: one chain of dependent FMAs a token would stall the warp.
+            acc_t y_part[2] = {0, 0};
 #pragma unroll
-          for (int i = 0; i < kFwdStates; ++i) {
-            h[i] = exp2_approx(dt_j * A2[i]) * h[i] + dtu * B[i];
-            y_part[i % 4] += h[i] * C[i];
+            for (int i = 0; i < kFwdStates; ++i) {
+              h[i] = exp2_approx(dt * A2[i]) * h[i] + dtu * B[i];
+              y_part[i % 2] += h[i] * C[i];
+            }
+            y[k] = y_part[0] + y_part[1];
+          } else {
+#pragma unroll
+            for (int i = 0; i < kFwdStates; ++i)
+              h[i] = exp2_approx(dt * A2[i]) * h[i] + dtu * B[i];
           }
-          y[j] = (y_part[0] + y_part[1]) + (y_part[2] + y_part[3]);
-          y[j] += __shfl_xor_sync(0xffffffffu, y[j], 1);
-        } else {
-#pragma unroll
-          for (int i = 0; i < kFwdStates; ++i) h[i] = exp2_approx(dt_j * A2[i]) * h[i] + dtu * B[i];
-          y[j] = 0;
+        }
+        if (kOut) {
+          const acc_t y_other = __shfl_xor_sync(0xffffffffu, odd ? y[0] : y[1], 1);
+          y_mine[j / 2] = (odd ? y[1] : y[0]) + y_other;
+          live_mine[j / 2] = odd ? live[1] : live[0];
         }
       }
+      if (!kOut) return;
       if (g.slices == 1) {
-        Vec16<input_t> out_v;
+        // In place of u, which both lanes have read (before the shuffles).
 #pragma unroll
         for (int j = 0; j < kPerVec; j += 2) {
-          acc_t mine = (odd ? y[j + 1] : y[j]) + D * to_acc(odd ? u_v.v[j + 1] : u_v.v[j]);
-          if (z_rows != nullptr) mine *= silu_fast(to_acc(odd ? z_v.v[j + 1] : z_v.v[j]));
-          mine = (odd ? live[j + 1] : live[j]) ? mine : acc_t(0);
-          const acc_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
-          out_v.v[j] = from_acc<input_t>(odd ? other : mine);
-          out_v.v[j + 1] = from_acc<input_t>(odd ? mine : other);
+          acc_t out = y_mine[j / 2] + D * pair_element(u_v, j, odd);
+          if (z_rows != nullptr) out *= silu_fast(pair_element(z_v, j, odd));
+          if (kPacked) out = live_mine[j / 2] ? out : acc_t(0);
+          row_u[v * kPerVec + j + odd] = from_acc<input_t>(out);
         }
-        if (has_out && !odd)
-          *reinterpret_cast<uint4*>(row_u + v * kPerVec) = *reinterpret_cast<const uint4*>(out_v.v);
-      } else if (!odd) {
+      } else {
 #pragma unroll
-        for (int j = 0; j < kPerVec; ++j)
-          s_y[(pos.slice * kChunk + v * kPerVec + j) * channels + c] = y[j];
+        for (int j = 0; j < kPerVec; j += 2)
+          s_y[(pos.slice * kChunk + v * kPerVec + j + odd) * channels + c] = y_mine[j / 2];
       }
-    }
+    };
+    // The vectors of whole tokens, then the rest of the chunk (the segment's end), masked.
+    const int full_vectors = kPacked ? 0 : chunk_tokens / kPerVec;
+    auto vector_steps = [&](auto out_tag) {
+      int v = 0;
+      auto checkpoint = [&] {
+        if (kCheckpoints && v * kPerVec % kCheckpoint == 0 && token0 + v * kPerVec < token_end)
+          store_thread_states(h, p.checkpoints,
+                              checkpoint_row + (token0 + v * kPerVec) / kCheckpoint * p.dstate,
+                              1, p, pos);
+      };
+#pragma unroll 1
+      for (; v < full_vectors; ++v) {
+        checkpoint();
+        vector_step(v, out_tag, std::false_type{});
+      }
+#pragma unroll 1
+      for (; v < kVecs; ++v) {
+        checkpoint();
+        vector_step(v, out_tag, std::true_type{});
+      }
+    };
+    if (has_out)
+      vector_steps(std::true_type{});
+    else
+      vector_steps(std::false_type{});
     if (!has_out) continue;
 
     if (g.slices > 1) {
@@ -475,6 +562,7 @@ __global__ void __launch_bounds__(512, 1)
                p.out_dim_stride, p.out_seqlen_stride, valid_channels, token0, token_end, vec.out);
   }
   if (p.segment_pass == 1) {
+    if (!kPacked) dt_sum += __shfl_xor_sync(0xffffffffu, dt_sum, 1);  // each lane has its tokens'
     store_thread_states(h, p.segment_states, segment_row * p.dstate, 1, p, pos);
     if (pos.slice == 0 && pos.lane_slice == 0 && channel_valid)
       static_cast<acc_t*>(p.segment_dt)[segment_row] =

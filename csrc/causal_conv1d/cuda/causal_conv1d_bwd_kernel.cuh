@@ -227,9 +227,11 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
     for (int e = 0; e < kNElts; ++e) {
       // Position t + e is read by tap k of token t + e + kHalo - k.
       const unsigned read_by = kMasked ? bits_of(v.masks.read_by, e) : taps.width_bits;
+      // The last tap first: on at every width without seq_idx, so that the taps that may be off
+      // add to a sum of the position's own, with no copies for their selects.
       g[e] = 0;
 #pragma unroll
-      for (int k = 0; k < kMaxWidth; ++k)
+      for (int k = kMaxWidth - 1; k >= 0; --k)
         g[e] = (read_by >> k & 1u) ? fma(taps.w[k], dz[e + kHalo - k], g[e]) : g[e];
     }
     const int tail_t0 = tile_len - kHalo;  // the positions of dfinal_tail

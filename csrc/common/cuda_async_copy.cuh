@@ -33,6 +33,12 @@ __device__ __forceinline__ void cp_async_8(void* smem, const void* gmem, int src
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
+// Waits until at most kPending of this thread's committed groups are still in flight: the
+// copies of the others are then visible to this thread.
+template <int kPending> __device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
 // Waits for this thread's copies; a __syncthreads() then makes every thread's visible.
 __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.wait_all;\n" ::: "memory");

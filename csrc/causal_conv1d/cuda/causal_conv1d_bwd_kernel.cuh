@@ -9,7 +9,8 @@
 // order, so the result is the same from run to run (no float atomics).
 //
 // Contiguous x: a warp sweeps a tile of a row step by step (ContiguousBwdTraits), a vector a lane,
-// the next step's x and dout loading while this one computes. A vector's dx needs the dz of the
+// the next steps' x and dout copied into shared memory (cp.async) while this one computes, so
+// that the bytes in flight do not cost registers. A vector's dx needs the dz of the
 // kHalo tokens after it, the head of the right lane's vector (for lane 31, of lane 0's next
 // one): a step computes its dz, then completes the dx of the step before. After the last step,
 // lane 31 computes the dz of the tokens after the tile from their x and dout. Channel-last x: a
@@ -18,6 +19,7 @@
 #pragma once
 
 #include "causal_conv1d/cuda/causal_conv1d_common.cuh"
+#include "common/cuda_async_copy.cuh"
 
 namespace mamba_ext {
 namespace causal_conv1d_cuda {
@@ -58,14 +60,18 @@ __device__ __forceinline__ acc_t dz_of_token(const Taps<acc_t>& taps, const acc_
   return zero_unless(!padding, dy * activation_grad<kSilu>(taps.conv(x, on)));
 }
 
-// What a step of the contiguous backward keeps of one lane's vector: x and dout as loaded (the
-// next step's are loaded into the other step's while this one computes), its tokens' dz, the dz
-// of the first kHalo tokens of the next lane's vector (the right halo of its dx), its masks.
+// A step's x and dout in shared memory, chunk c of lane l's vector at [c][l], so that a warp's
+// 16-byte accesses touch every bank once.
+template <typename Traits> struct BwdStage {
+  uint4 x[Traits::kChunks][32];
+  uint4 dy[Traits::kChunks][32];
+};
+
+// What the contiguous backward keeps of one lane's vector from a step to the next: its tokens'
+// dz, the dz of the first kHalo tokens of the next lane's vector (the right halo of its dx), its
+// masks.
 template <typename Traits> struct BwdStep {
-  using input_t = typename Traits::input_t;
   using acc_t = typename Traits::acc_t;
-  alignas(16) input_t x[Traits::kNElts];
-  alignas(16) input_t dy[Traits::kNElts];
   acc_t dz[Traits::kNElts];
   acc_t dz_right[kHalo];  // from lane + 1; lane 31 has lane 0's, the head of its next vector
   TokenMasks masks;
@@ -86,9 +92,14 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
   using Traits = ContiguousBwdTraits<input_t>;
   using acc_t = typename Traits::acc_t;
   using Step = BwdStep<Traits>;
+  using Stage = BwdStage<Traits>;
   constexpr int kNElts = Traits::kNElts, kTailElts = Traits::kTailElts;
   constexpr int kTailWords = Traits::kTailWords;
+  constexpr int kNSteps = Traits::kNSteps, kChunks = Traits::kChunks;
+  constexpr int kChunkElts = 16 / int(sizeof(input_t));
+  __shared__ Stage tiles[Traits::kNWarps][kNSteps];  // the warps' tiles, step by step
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  Stage* const stages = tiles[warp];
   // The warp's tile: (b * dim + d) * ntiles + tile. 32-bit division where it fits.
   const int64_t ntiles = ceil_div(params.seqlen, Traits::kTileTokens);
   const int64_t n_warp_tiles = params.batch * params.dim * ntiles;
@@ -105,44 +116,87 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
     b = row / params.dim, d = row % params.dim;
   }
   const int64_t warp_t0 = tile * Traits::kTileTokens;
-  const int64_t lane_t0 = warp_t0 + lane * kNElts;
+  // Tokens are numbered from the tile's start in 32-bit ints from here on: the row's tokens from
+  // there, capped where the tile no longer meets dfinal_states' last kHalo positions.
+  const int tile_len = int(min(params.seqlen - warp_t0, int64_t(Traits::kTileTokens + kHalo)));
   // Steps with tokens. A tile the row ends in runs one more step, and an even count (its tokens
   // all past seqlen: dz 0, nothing stored), whose dz completes the dx of the last real one; a
   // full tile's last step ends in the steps[1] the epilogue completes.
-  const int n_steps = int(min(int64_t(Traits::kNSteps),
-                              ceil_div(params.seqlen - warp_t0, Traits::kStepTokens)));
-  const bool full_tile = n_steps == Traits::kNSteps;
-  const int n_run = full_tile ? n_steps : (n_steps + 2) / 2 * 2;
-  Taps<acc_t> taps;
-  taps.load(params, d);
-  const input_t* x = static_cast<const input_t*>(params.x) + b * params.x_batch_stride +
-                     d * params.x_dim_stride;
-  const input_t* dout = static_cast<const input_t*>(params.dout) + b * params.dout_batch_stride +
-                        d * params.dout_dim_stride;
-  input_t* dx = static_cast<input_t*>(params.dx) + b * params.dx_batch_stride +
-                d * params.dx_dim_stride;
+  const int n_steps = min(Traits::kNSteps, int(ceil_div(tile_len, Traits::kStepTokens)));
+  // (Said through tile_len, live in the loop, so that no register holds it across the loop.)
+  const auto full_tile = [&] { return tile_len > (Traits::kNSteps - 1) * Traits::kStepTokens; };
+  const int n_run = full_tile() ? Traits::kNSteps : (n_steps + 2) / 2 * 2;
   // A vectorized row has stride 1: said outright, so that the compiler keeps no offsets of
-  // i * stride in registers for the elementwise path of a row's last vector (it hoists them out
-  // of the step loop).
+  // i * stride in registers for the elementwise paths (it hoists them out of the step loop).
   const int64_t x_stride = kVectorized ? 1 : params.x_seqlen_stride;
   const int64_t dout_stride = kVectorized ? 1 : params.dout_seqlen_stride;
   const int64_t dx_stride = kVectorized ? 1 : params.dx_seqlen_stride;
+  // The tile's first tokens: a valid address (the tile has tokens), 16-byte aligned if vectorized.
+  const input_t* x = static_cast<const input_t*>(params.x) + b * params.x_batch_stride +
+                     d * params.x_dim_stride + warp_t0 * x_stride;
+  const input_t* dout = static_cast<const input_t*>(params.dout) + b * params.dout_batch_stride +
+                        d * params.dout_dim_stride + warp_t0 * dout_stride;
+  input_t* dx = static_cast<input_t*>(params.dx) + b * params.dx_batch_stride +
+                d * params.dx_dim_stride + warp_t0 * dx_stride;
+
+  // Starts the copy of step s's x and dout (n_valid tokens, zeros after them: dz is 0 there)
+  // into its stage. Vectorized rows copy asynchronously, so that the bytes in flight need no
+  // registers; the elementwise variant (misaligned or strided rows) loads and stores.
+  const auto fill_stage = [&](int s, int n_valid) {
+    const int t = s * Traits::kStepTokens + lane * kNElts;
+    if constexpr (kVectorized) {
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        const int bytes = min(max(n_valid * int(sizeof(input_t)) - 16 * c, 0), 16);
+        // A chunk with nothing to copy names the tile's start: an address that is valid.
+        const int at = bytes > 0 ? t + c * kChunkElts : 0;
+        cp_async_16(&stages[s].x[c][lane], x + at, bytes);
+        cp_async_16(&stages[s].dy[c][lane], dout + at, bytes);
+      }
+    } else {
+      alignas(16) input_t xv[kNElts], dyv[kNElts];
+      load_raw<false>(x + t * x_stride, x_stride, n_valid, xv);
+      load_raw<false>(dout + t * dout_stride, dout_stride, n_valid, dyv);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        stages[s].x[c][lane] = reinterpret_cast<const uint4*>(xv)[c];
+        stages[s].dy[c][lane] = reinterpret_cast<const uint4*>(dyv)[c];
+      }
+    }
+  };
+  // This lane's x and dout of step s, from its stage (this lane's own copies: no warp sync).
+  const auto read_stage = [&](int s, input_t (&xv)[kNElts], input_t (&dyv)[kNElts]) {
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      reinterpret_cast<uint4*>(xv)[c] = stages[s].x[c][lane];
+      reinterpret_cast<uint4*>(dyv)[c] = stages[s].dy[c][lane];
+    }
+  };
+  // The whole tile in flight, a commit group a step (empty past n_run), before the per-tile
+  // loads below, so that those wait alongside.
+  if (tile_len >= Traits::kTileTokens) {  // every vector full: the copies with no counting
+#pragma unroll
+    for (int s = 0; s < kNSteps; ++s) {
+      fill_stage(s, kNElts);
+      cp_async_commit();
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < kNSteps; ++s) {
+      const int t = s * Traits::kStepTokens + lane * kNElts;
+      if (s < n_run) fill_stage(s, count_in(tile_len - t, kNElts));
+      cp_async_commit();
+    }
+  }
+
+  Taps<acc_t> taps;
+  taps.load(params, d);
   // dfinal_states at the last kHalo positions of the row (0 where it does not reach), so that
   // the steps need neither b nor d for it.
   acc_t dfinal_tail[kHalo];
 #pragma unroll
   for (int i = 0; i < kHalo; ++i)
     dfinal_tail[i] = dfinal_at<input_t>(params, b, d, params.seqlen - kHalo + i);
-
-  const auto load_step = [&](int s, Step& v) {
-    const int64_t t = lane_t0 + int64_t(s) * Traits::kStepTokens;
-    const int n_valid = count_in(params.seqlen - t, kNElts);  // zeros past seqlen: dz 0 there
-    load_raw<kVectorized>(x + t * x_stride, x_stride, n_valid, v.x);
-    load_raw<kVectorized>(dout + t * dout_stride, dout_stride,
-                          n_valid, v.dy);
-  };
-  Step steps[2];
-  load_step(0, steps[0]);
   // Lane 0's left halo of the next step: the tail of lane 31's vector of this one, as words. At
   // step 0 the tokens before the tile (x_at's rules: initial_states or 0 before the row).
   uint32_t carry[kTailWords];
@@ -162,7 +216,7 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
   };
   // dx of the vector of step s (its dz and its right halo's complete), stored.
   const auto emit_dx = [&](int s, const Step& v, const acc_t (&right)[kHalo]) {
-    const int64_t t = lane_t0 + int64_t(s) * Traits::kStepTokens;
+    const int t = s * Traits::kStepTokens + lane * kNElts;
     acc_t dz[kNElts + kHalo];
 #pragma unroll
     for (int e = 0; e < kNElts; ++e) dz[e] = v.dz[e];
@@ -173,12 +227,14 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
     for (int e = 0; e < kNElts; ++e) {
       // Position t + e is read by tap k of token t + e + kHalo - k.
       const unsigned read_by = kMasked ? bits_of(v.masks.read_by, e) : taps.width_bits;
+      // The last tap first: on at every width without seq_idx, so that the taps that may be off
+      // add to a sum of the position's own, with no copies for their selects.
       g[e] = 0;
 #pragma unroll
-      for (int k = 0; k < kMaxWidth; ++k)
+      for (int k = kMaxWidth - 1; k >= 0; --k)
         g[e] = (read_by >> k & 1u) ? fma(taps.w[k], dz[e + kHalo - k], g[e]) : g[e];
     }
-    const int64_t tail_t0 = params.seqlen - kHalo;  // the positions of dfinal_tail
+    const int tail_t0 = tile_len - kHalo;  // the positions of dfinal_tail
     if (t + kNElts > tail_t0) {
 #pragma unroll
       for (int e = 0; e < kNElts; ++e) {
@@ -186,16 +242,25 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
         for (int i = 0; i < kHalo; ++i) g[e] += t + e == tail_t0 + i ? dfinal_tail[i] : acc_t(0);
       }
     }
-    store_from_acc<kVectorized>(dx + t * dx_stride, dx_stride,
-                                count_in(params.seqlen - t, kNElts), g);
+    const int n_valid = count_in(tile_len - t, kNElts);
+    if (kVectorized && n_valid == kNElts) {
+      alignas(16) input_t raw[kNElts];
+#pragma unroll
+      for (int e = 0; e < kNElts; ++e) raw[e] = from_acc<input_t>(g[e]);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c)
+        store_global_16(dx + t + c * kChunkElts, reinterpret_cast<const uint4*>(raw)[c]);
+    } else {
+      store_from_acc<false>(dx + t * dx_stride, dx_stride, n_valid, g);
+    }
   };
 
   acc_t sums[kNSums] = {};  // dw[0..kMaxWidth), dbias
-  // The window of cur: the left halo (the left lane's tail; lane 0's from the step before),
-  // then the vector, in acc_t.
-  const auto window = [&](const Step& cur, acc_t (&xw)[kHalo + kNElts]) {
+  // The window of a vector xv: the left halo (the left lane's tail; lane 0's from the step
+  // before), then the vector, in acc_t.
+  const auto window = [&](const input_t (&xv)[kNElts], acc_t (&xw)[kHalo + kNElts]) {
     uint32_t left[kTailWords];
-    shfl_tail<Traits>(cur.x, (lane + 31) % 32, left);
+    shfl_tail<Traits>(xv, (lane + 31) % 32, left);
 #pragma unroll
     for (int i = 0; i < kTailWords; ++i) {
       const uint32_t own = lane == 0 ? carry[i] : left[i];
@@ -207,20 +272,26 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
 #pragma unroll
     for (int i = 0; i < kHalo; ++i) xw[i] = to_acc(halo[kTailElts - kHalo + i]);
 #pragma unroll
-    for (int e = 0; e < kNElts; ++e) xw[kHalo + e] = to_acc(cur.x[e]);
+    for (int e = 0; e < kNElts; ++e) xw[kHalo + e] = to_acc(xv[e]);
   };
-  // Step s: cur holds its x and dout; prev the dz of step s - 1, whose dx this step completes,
-  // and then takes step s + 1's loads.
+  // Step s: its x and dout from its stage; prev holds the dz of step s - 1, whose dx this step
+  // completes.
   const auto step = [&](int s, Step& cur, Step& prev) {
-    if (s + 1 < n_run) load_step(s + 1, prev);  // zeros for the extra steps
+    // Before step s, kNSteps + s groups: the tile's, then an empty one a step. Step s's group
+    // is in once no more than the kNSteps - 1 after it are pending, a constant.
+    cp_async_wait_group<kNSteps - 1>();
+    cp_async_commit();
+    alignas(16) input_t xv[kNElts], dyv[kNElts];
+    read_stage(s, xv, dyv);
     acc_t xw[kHalo + kNElts];  // tokens [t - kHalo, t + kNElts)
-    window(cur, xw);
+    window(xv, xw);
     if constexpr (kMasked)
-      cur.masks = token_masks<kNElts>(params, taps, b, lane_t0 + int64_t(s) * Traits::kStepTokens);
+      cur.masks = token_masks<kNElts>(params, taps, b,
+                                      warp_t0 + s * Traits::kStepTokens + lane * kNElts);
     const auto dz_token = [&](int e) {
       const acc_t xe[kMaxWidth] = {xw[e], xw[e + 1], xw[e + 2], xw[e + 3]};
       const unsigned on = reads(cur.masks, e);
-      const acc_t g = dz_of_token<kSilu>(taps, xe, on, padding(cur.masks, e), to_acc(cur.dy[e]));
+      const acc_t g = dz_of_token<kSilu>(taps, xe, on, padding(cur.masks, e), to_acc(dyv[e]));
       cur.dz[e] = g;
 #pragma unroll
       for (int k = 0; k < kMaxWidth; ++k)
@@ -243,29 +314,33 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
 #pragma unroll
     for (int e = kHalo; e < kNElts; ++e) dz_token(e);
   };
+  Step steps[2];
   // Two steps an iteration, the buffers swapping roles, so that they stay in registers.
 #pragma unroll 1
   for (int s = 0; s < n_run; s += 2) {
     step(s, steps[0], steps[1]);
     step(s + 1, steps[1], steps[0]);
   }
-  if (full_tile) {
+  if (full_tile()) {
     // The last vector's right halo: for lane 31, the dz of the kHalo tokens after the tile (0
-    // past seqlen), from their x and dout and the last kHalo tokens of x before them.
+    // past seqlen), from their x and dout and the last kHalo tokens of x before them (in the
+    // last step's stage).
     const Step& last = steps[1];
+    alignas(16) input_t xv[kNElts], dyv[kNElts];
+    read_stage(Traits::kNSteps - 1, xv, dyv);
     const int64_t end = warp_t0 + Traits::kTileTokens;
     const TokenMasks after = kMasked ? token_masks<kHalo>(params, taps, b, end)
                                      : TokenMasks{repeat_bits<kHalo>(taps.width_bits), 0u, 0u};
     acc_t xa[kHalo + kHalo], right[kHalo];
 #pragma unroll
     for (int i = 0; i < kHalo; ++i) {
-      xa[i] = to_acc(last.x[kNElts - kHalo + i]);
+      xa[i] = to_acc(xv[kNElts - kHalo + i]);
       xa[kHalo + i] = x_at<input_t>(params, b, d, end + i);
     }
 #pragma unroll
     for (int i = 0; i < kHalo; ++i) {
       const acc_t dy = end + i < params.seqlen
-                           ? to_acc(dout[(end + i) * dout_stride]) : acc_t(0);
+                           ? to_acc(dout[(Traits::kTileTokens + i) * dout_stride]) : acc_t(0);
       const acc_t xe[kMaxWidth] = {xa[i], xa[i + 1], xa[i + 2], xa[i + 3]};
       const acc_t g = dz_of_token<kSilu>(taps, xe, bits_of(after.reads, i),
                                          after.padding >> i & 1u, dy);
@@ -273,8 +348,8 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
     }
     emit_dx(Traits::kNSteps - 1, last, right);
   }
-  // dinitial_states: the positions [-(width - 1), 0) before token 0, lane 0 of tile 0, from the
-  // dz of tokens 0..kHalo - 1, recomputed.
+  // dinitial_states: the positions [-(width - 1), 0) before token 0, lane 0 of tile 0 (whose
+  // dout is the row's), from the dz of tokens 0..kHalo - 1, recomputed.
   if (params.dinitial_states != nullptr && tile == 0 && lane == 0) {
     const TokenMasks head = kMasked ? token_masks<kHalo>(params, taps, b, 0)
                                     : TokenMasks{repeat_bits<kHalo>(taps.width_bits), 0u, 0u};
@@ -317,18 +392,24 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
   }
 }
 
-// Blocks a multiprocessor runs at once: 5 (96 registers) for 16-bit and 32-bit types. The step
-// loop wants ~120 registers left alone (the next step's loads, the step before's dz, the window);
-// at 80 it spills inside the loop, at 96 only a few bytes outside it.
-template <typename input_t> constexpr int bwd_contiguous_min_blocks() {
-  return sizeof(input_t) <= 4 ? 5 : 1;
+// Blocks a multiprocessor runs at once for 16-bit and 32-bit types: the most that leave each
+// variant unspilled (ptxas, sm_90a): 6 (80 registers) for vectorized rows without seq_idx, the
+// case that matters, 5 (96) with it or for elementwise rows, 4 (128) for elementwise rows with
+// it. The bytes in flight sit in shared memory (32 KB a block, 192 KB at 6): a warp's tile,
+// 8 KB, goes out as the warp starts it, where the register-prefetch kernel kept 1 KB a warp
+// (20 KB a multiprocessor at 5 blocks) and could not stay near the ~23 KB that ~3 TB/s at ~1 us
+// latency asks of each of 132.
+template <typename input_t, bool kVectorized, bool kMasked>
+constexpr int bwd_contiguous_min_blocks() {
+  if (sizeof(input_t) > 4) return 1;
+  return kVectorized && !kMasked ? 6 : (kVectorized || !kMasked ? 5 : 4);
 }
 
 // A kernel per activation and masking (not with_flags' branches in one), so that the masked
 // variant's registers do not set the others'.
 template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
 __global__ void __launch_bounds__(ContiguousBwdTraits<input_t>::kNThreads,
-                                  bwd_contiguous_min_blocks<input_t>())
+                                  bwd_contiguous_min_blocks<input_t, kVectorized, kMasked>())
     causal_conv1d_bwd_contiguous_kernel(const CausalConv1dBwdParams params) {
   bwd_contiguous<input_t, kVectorized, kSilu, kMasked>(params);
 }

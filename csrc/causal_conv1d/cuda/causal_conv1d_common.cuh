@@ -219,6 +219,13 @@ template <typename T, int N> constexpr int chunk_bytes() {
   return N * int(sizeof(T)) >= 16 ? 16 : N * int(sizeof(T));
 }
 
+// Stores 16 bytes at p (global, 16-byte aligned) in one instruction: a uint4 store of values
+// converted to a 16-bit type can come out of the compiler as four 4-byte stores.
+__device__ __forceinline__ void store_global_16(void* p, const uint4& v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w));
+}
+
 // Loads the first n_valid (<= N) of p[0], p[stride], ..., p[(N - 1) stride], zeros after them.
 // kVectorized: p is aligned to chunk_bytes<T, N>() and stride is 1, so a whole vector takes loads
 // of chunk_bytes.
@@ -338,8 +345,10 @@ template <typename input_t> using ContiguousFwdTraits = ContiguousTraits<input_t
 // Contiguous backward (threads along tokens): a warp sweeps a tile of
 // kCausalConv1dCudaBwdTileBytes of x of one (batch, channel) row in steps of 32 vectors, one a
 // lane: lane l's vector of step s starts at token tile * kTileTokens + (s * 32 + l) * kNElts.
-// A step's x and dout are loaded while the step before is computed, and the per-tile costs (taps,
-// halos, the sums of dweight) are paid once per tile rather than once per vector.
+// The tile's x and dout are copied into shared memory (cp.async) as it starts, a commit group a
+// step, and a step waits for its own group only: up to the whole tile is in flight, with no
+// registers held for it. The per-tile costs (taps, halos, the sums of dweight) are paid once per
+// tile rather than once per vector.
 template <typename input_t_> struct ContiguousBwdTraits {
   using input_t = input_t_;
   using acc_t = acc_type<input_t>;
@@ -349,6 +358,9 @@ template <typename input_t_> struct ContiguousBwdTraits {
   static constexpr int kStepTokens = 32 * kNElts;
   static constexpr int kTileTokens = int(kCausalConv1dCudaBwdTileBytes) / int(sizeof(input_t));
   static constexpr int kNSteps = kTileTokens / kStepTokens;  // 8 (4 for double)
+  // A lane's vector is kChunks 16-byte chunks.
+  static constexpr int kChunks = kNElts * int(sizeof(input_t)) / 16;
+  static_assert(kChunks * 16 == kNElts * int(sizeof(input_t)), "a vector must be whole chunks");
   // A vector's last kHalo tokens, the left halo of the vector after it, pass between lanes as
   // whole 32-bit words: the last kTailElts elements (4 of a 16-bit type, 3 of wider ones).
   static constexpr int kTailWords = (kHalo * int(sizeof(input_t)) + 3) / 4;

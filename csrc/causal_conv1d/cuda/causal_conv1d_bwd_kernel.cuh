@@ -616,11 +616,15 @@ cudaError_t causal_conv1d_bwd_cuda(const CausalConv1dBwdParams& params, cudaStre
     using Traits = ContiguousBwdTraits<input_t>;
     const int64_t blocks = ceil_div(
         params.batch * params.dim * ceil_div(params.seqlen, Traits::kTileTokens), Traits::kNWarps);
-    error = launch_blocks(blocks, Traits::kNThreads, stream,
-                          bwd_vectorizable<input_t, Traits::kNElts>(params, false)
-                              ? bwd_contiguous_kernel_for<input_t, true>(params)
-                              : bwd_contiguous_kernel_for<input_t, false>(params),
-                          params);
+    const auto kernel = bwd_vectorizable<input_t, Traits::kNElts>(params, false)
+                            ? bwd_contiguous_kernel_for<input_t, true>(params)
+                            : bwd_contiguous_kernel_for<input_t, false>(params);
+    // A block's tiles take 32 KB of shared memory: the largest carve-out, so that shared
+    // memory does not hold an SM below the blocks its registers allow.
+    error = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                 cudaSharedmemCarveoutMaxShared);
+    if (error != cudaSuccess) return error;
+    error = launch_blocks(blocks, Traits::kNThreads, stream, kernel, params);
   }
   if (error != cudaSuccess) return error;
   // Also with no batch rows: dweight and dbias are then zeros.

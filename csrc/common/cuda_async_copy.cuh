@@ -19,6 +19,12 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int sr
                "l"(gmem), "r"(src_bytes));
 }
 
+// Copies 16 bytes (gmem 16-byte aligned): the above without the zero fill's operand.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(smem)),
+               "l"(gmem));
+}
+
 // Copies 4 bytes, zero when src_bytes is 0 (any 4-byte aligned element).
 __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(smem)),

@@ -162,6 +162,27 @@ def test_forward_at_vector_and_chunk_ends(seqlen, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dstate", [16, 12])
+@pytest.mark.parametrize("tune", ["", "forward_segments=2"])
+def test_forward_of_whole_chunks_matches_reference(tune, dstate, dtype, device, monkeypatch):
+    # The CUDA forward copies a chunk without bounds when it is in bounds: the 32 tokens inside
+    # the segment, every channel of the 64-channel block (dim 128 fills both), every state of the
+    # 16-state slice (dstate 12 does not). 100 tokens: 3 whole chunks and 4 tokens, asked in 2
+    # segments of 64 and 36 tokens. delta spans softplus's range (a polynomial in exp(-|x|)).
+    needs_kernel(device)
+    if tune:
+        monkeypatch.setenv("MAMBA_EXT_SCAN_TUNE", tune)
+    case = Case(batch=2, dim=128, dstate=dstate, seqlen=100, initial_state=True)
+    inputs = make_inputs(case, device, dtype)
+    inputs["delta"] = (6 * torch.randn(2, 128, 100, device=device) - 2).to(dtype)
+    out, last_state = run_op(inputs, case)
+    out_ref, last_ref = run_reference(as_reference(inputs), case)
+    assert_close(out, out_ref, dtype, "out")
+    assert_close(last_state, last_ref, torch.float32, "last_state")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=str)
 def test_backward_matches_reference(case, dtype, device):
     check_backward(case, dtype, device)

@@ -114,8 +114,9 @@ __device__ __forceinline__ acc_type<T> pair_element(const Vec16<T>& vec, int j, 
 
 // Rows [0, rows) x tokens [token0, token0 + kChunk) of a (row, token) matrix at `base` into
 // tile[rows][kPitchElements]; zeros for rows >= valid_rows and tokens >= seqlen. Vectorised:
-// asynchronous 16-byte copies; otherwise element by element.
-template <int kChunk, typename input_t>
+// asynchronous 16-byte copies; otherwise element by element. kWholeChunks: a path without bounds
+// for chunks in bounds (the forward's; in the backward, at its register limit, it adds spills).
+template <int kChunk, bool kWholeChunks = false, typename input_t>
 __device__ __forceinline__ void load_tile(input_t* tile, const input_t* base, int64_t row_stride,
                                           int64_t token_stride, int rows, int valid_rows,
                                           int64_t token0, int64_t seqlen, bool vectorized) {
@@ -125,11 +126,19 @@ __device__ __forceinline__ void load_tile(input_t* tile, const input_t* base, in
     // A thread's copies share one vector of tokens (blocks are whole warps, kVecs divides 32):
     // its bounds and address once, then steps of rows.
     const int v = threadIdx.x % kVecs, row_step = blockDim.x / kVecs;
-    const int64_t token = token0 + v * kPerVec, left = seqlen - token;
-    const int vec_bytes =
-        left <= 0 ? 0 : static_cast<int>(left < kPerVec ? left : kPerVec) * sizeof(input_t);
+    const int64_t token = token0 + v * kPerVec;
     int r = threadIdx.x / kVecs;
     const input_t* src = base + r * row_stride + token;
+    if (kWholeChunks && token0 + kChunk <= seqlen && rows <= valid_rows) {
+      // The whole chunk of every row (all chunks but a segment's last): no bounds a copy.
+      input_t* dst = tile + r * kPitch + v * kPerVec;
+      for (; r < rows; r += row_step, src += row_step * row_stride, dst += row_step * kPitch)
+        cp_async_16(dst, src);
+      return;
+    }
+    const int64_t left = seqlen - token;
+    const int vec_bytes =
+        left <= 0 ? 0 : static_cast<int>(left < kPerVec ? left : kPerVec) * sizeof(input_t);
     for (; r < rows; r += row_step, src += row_step * row_stride) {
       const int bytes = r < valid_rows ? vec_bytes : 0;
       cp_async_16(tile + r * kPitch + v * kPerVec, bytes ? src : base, bytes);
@@ -209,15 +218,16 @@ template <typename input_t, int kChunk> struct StateInputStage {
         async(async_) {}
 
   // The raw tiles of the chunk at token0 (async only; the caller commits).
+  template <bool kWholeChunks = false>
   __device__ void issue(const SelectiveScanFwdParams& p, int64_t token0, int64_t token_end,
                         bool vec_B, bool vec_C) const {
     if (!async) return;
     if (p.is_variable_B)
-      load_tile<kChunk>(raw_B, B_rows, p.B_dstate_stride, p.B_seqlen_stride, states, valid_states, token0,
-                token_end, vec_B);
+      load_tile<kChunk, kWholeChunks>(raw_B, B_rows, p.B_dstate_stride, p.B_seqlen_stride, states,
+                                      valid_states, token0, token_end, vec_B);
     if (p.is_variable_C)
-      load_tile<kChunk>(raw_C, C_rows, p.C_dstate_stride, p.C_seqlen_stride, states, valid_states, token0,
-                token_end, vec_C);
+      load_tile<kChunk, kWholeChunks>(raw_C, C_rows, p.C_dstate_stride, p.C_seqlen_stride, states,
+                                      valid_states, token0, token_end, vec_C);
   }
 
   // s_B[t][n], s_C[t][n] of the chunk at token0, once its raw tiles are in.
@@ -338,15 +348,15 @@ __global__ void __launch_bounds__(512, 1)
     const int64_t token0 = chunk_index * kChunk;
     unsigned char* stage = smem + tiles.stage(s);
     input_t* tile = reinterpret_cast<input_t*>(stage);
-    load_tile<kChunk>(tile, u_rows, p.u_dim_stride, p.u_seqlen_stride, channels, valid_channels, token0,
-              token_end, vec.u);
+    load_tile<kChunk, true>(tile, u_rows, p.u_dim_stride, p.u_seqlen_stride, channels,
+                            valid_channels, token0, token_end, vec.u);
     tile += channels * kPitch;
-    load_tile<kChunk>(tile, delta_rows, p.delta_dim_stride, p.delta_seqlen_stride, channels,
-              valid_channels, token0, token_end, vec.delta);
+    load_tile<kChunk, true>(tile, delta_rows, p.delta_dim_stride, p.delta_seqlen_stride, channels,
+                            valid_channels, token0, token_end, vec.delta);
     tile += channels * kPitch;
     if (z_rows != nullptr)
-      load_tile<kChunk>(tile, z_rows, p.z_dim_stride, p.z_seqlen_stride, channels, valid_channels, token0,
-                token_end, vec.z);
+      load_tile<kChunk, true>(tile, z_rows, p.z_dim_stride, p.z_seqlen_stride, channels,
+                              valid_channels, token0, token_end, vec.z);
     if (seq_row != nullptr) {
       int32_t* s_seq = reinterpret_cast<int32_t*>(stage + 3 * tiles.tile_bytes());
       for (int t = threadIdx.x; t < kChunk; t += blockDim.x) {
@@ -355,7 +365,7 @@ __global__ void __launch_bounds__(512, 1)
                    valid ? 4 : 0);
       }
     }
-    BC.issue(p, token0, token_end, vec.B, vec.C);
+    BC.issue<true>(p, token0, token_end, vec.B, vec.C);
     cp_async_commit();
   };
 

@@ -757,12 +757,12 @@ def test_cuda_ops_follow_the_current_stream():
 
 @pytest.mark.cuda
 @requires_cuda_kernels
-@pytest.mark.parametrize("seqlen", [None, 3])  # one token (its own kernel path), several
+@pytest.mark.parametrize("seqlen", [None, 3])  # the vectorized kernel, the general one
 def test_update_skips_out_of_range_rows_on_cuda(seqlen):
     """conv_state_indices outside [0, state_batch), vLLM's padding slot -1 among them: the row's
     state is left alone and its output is 0; the other rows are updated as usual."""
     inputs = make_update_inputs((seqlen, 4, 0, False, True, "contiguous"), torch.float32,
-                                torch.float32, "cuda", batch=4)
+                                torch.float32, "cuda", batch=4, dim=16)
     inputs["conv_state_indices"] = torch.tensor([2, -1, 6, 0], dtype=torch.int32, device="cuda")
     state_before = inputs["conv_state"].clone()
     out = causal_conv1d_update(**inputs)
@@ -779,11 +779,13 @@ def test_update_skips_out_of_range_rows_on_cuda(seqlen):
 @requires_cuda_kernels
 @pytest.mark.parametrize("dtypes", DTYPES[:2], ids=dtype_id)
 @pytest.mark.parametrize("width, extra_state", [(4, 0), (3, 2), (2, 0)])
-def test_cuda_update_at_large_batch(width, extra_state, dtypes):
-    """From 2^20 (batch, channel) rows the one-token linear update takes its own kernel, four
-    batch entries a thread: a batch that is no multiple of four, with rows to skip."""
+@pytest.mark.parametrize("batch", [100, 259])
+def test_cuda_update_at_large_batch(batch, width, extra_state, dtypes):
+    """At large batches a thread of the vectorized one-token update takes several batch entries
+    (two at 100 x 4096 bf16, four at 259): batches that are no multiple of them, with rows to
+    skip; state_len 4 + 1 takes the general kernel."""
     dtype, weight_dtype = dtypes
-    batch, dim = 259, 4096
+    dim = 4096
     inputs = make_update_inputs((None, width, extra_state, False, True, "contiguous"), dtype,
                                 weight_dtype, "cuda", batch=batch, dim=dim)
     indices = inputs["conv_state_indices"]
@@ -796,4 +798,67 @@ def test_cuda_update_at_large_batch(width, extra_state, dtypes):
     ref_out = causal_conv1d_update_ref(**ref_inputs)
     helpers.assert_close(out[kept], ref_out, dtype)
     assert torch.equal(out[[5, 100, 258]], torch.zeros_like(out[[5, 100, 258]]))
+    assert torch.equal(inputs["conv_state"], ref_inputs["conv_state"].to(dtype))
+
+
+def slice_of_wider(t, start, extra):
+    """t's values in a view of channels [start, start + dim) of a buffer `extra` channels wider
+    (dim 1), so that its batch stride is not its size."""
+    shape = list(t.shape)
+    shape[1] += extra
+    view = torch.randn(shape, dtype=t.dtype, device=t.device)[:, start:start + t.shape[1]]
+    view.copy_(t)
+    return view
+
+
+VECTORIZED_UPDATE_CASES = [
+    # (seqlen (None: x is (batch, dim)), width, state_len - (width - 1), conv_state_indices,
+    #  dim, layout, bias, silu). The vectorized kernel takes one token, state_len <= 4, a dim
+    # of whole groups of 16 bytes of x (8 16-bit channels, 4 floats, 2 doubles) and 16-byte
+    # aligned rows: "padded" x and conv_state are aligned slices of wider buffers; "offset" ones
+    # start one channel in, and take the general kernel, as do a state_len of 5 and, for 16-bit
+    # types, a dim of 36.
+    (None, 4, 0, False, 64, "contiguous", True, True),
+    (1, 4, 1, True, 32, "contiguous", True, True),  # mamba-ssm's state of width entries
+    (None, 3, 0, True, 24, "padded", False, True),
+    (None, 2, 0, False, 16, "contiguous", True, False),
+    (None, 2, 1, True, 8, "padded", True, True),
+    (None, 3, 1, False, 40, "contiguous", False, False),
+    (None, 4, 0, True, 36, "contiguous", True, True),
+    (None, 4, 0, True, 32, "offset", True, True),
+    (1, 4, 2, False, 32, "contiguous", True, True),
+]
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtypes", DTYPES + [(torch.float64, torch.float64)], ids=dtype_id)
+@pytest.mark.parametrize("case", VECTORIZED_UPDATE_CASES, ids=case_id)
+def test_cuda_update_vectorized(case, dtypes):
+    """The one-token update of kGroup channels a thread against the reference, at each state
+    length and width it takes and at the layouts it leaves to the general kernel; a padding index
+    (-1) leaves its state alone and gets out = 0."""
+    seqlen, width, extra_state, indexed, dim, layout, bias, silu = case
+    dtype, weight_dtype = dtypes
+    batch = 5
+    inputs = make_update_inputs((seqlen, width, extra_state, False, indexed, "contiguous"), dtype,
+                                weight_dtype, "cuda", batch=batch, dim=dim)
+    if layout != "contiguous":
+        start, extra = (0, 8) if layout == "padded" else (1, 1)
+        inputs["x"] = slice_of_wider(inputs["x"], start, extra)
+        inputs["conv_state"] = slice_of_wider(inputs["conv_state"], start, extra)
+    inputs["bias"] = inputs["bias"] if bias else None
+    inputs["activation"] = "silu" if silu else None
+    skipped = [1] if indexed else []
+    if indexed:
+        inputs["conv_state_indices"][skipped] = -1
+    kept = [b for b in range(batch) if b not in skipped]
+    state_before = inputs["conv_state"].clone()
+    out = causal_conv1d_update(**inputs)
+    ref_inputs = as_float64({**inputs, "x": inputs["x"][kept], "conv_state": state_before,
+                             "conv_state_indices": (inputs["conv_state_indices"][kept]
+                                                    if indexed else None)})
+    ref_out = causal_conv1d_update_ref(**ref_inputs)
+    helpers.assert_close(out[kept], ref_out, dtype)
+    assert torch.equal(out[skipped], torch.zeros_like(out[skipped]))
     assert torch.equal(inputs["conv_state"], ref_inputs["conv_state"].to(dtype))

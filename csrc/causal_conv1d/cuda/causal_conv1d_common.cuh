@@ -83,11 +83,15 @@ template <typename acc_t> struct Taps {
   int first;             // kMaxWidth - width
   unsigned width_bits;   // the taps of the width: bits [first, kMaxWidth)
 
-  template <typename Params> __device__ __forceinline__ void load(const Params& params, int64_t d) {
-    first = kMaxWidth - static_cast<int>(params.width);
+  __device__ __forceinline__ void set_width(int width) {
+    first = kMaxWidth - width;
     // The last two taps are on at every width (>= 2): said outright, so that the compiler drops
     // their per-token checks.
     width_bits = (((1u << kMaxWidth) - 1) & ~((1u << first) - 1)) | 0b1100u;
+  }
+
+  template <typename Params> __device__ __forceinline__ void load(const Params& params, int64_t d) {
+    set_width(static_cast<int>(params.width));
     const acc_t* weight = static_cast<const acc_t*>(params.weight) + d * params.weight_dim_stride;
 #pragma unroll
     for (int k = 0; k < kMaxWidth; ++k)

@@ -172,12 +172,16 @@ __global__ void __launch_bounds__(128, 3)
   State4* s_starts = reinterpret_cast<State4*>(smem + tiles.starts());  // [kSubs][2][threads]
   // The dB / dC transpose: lane L stores its vector k (of 4 states) at place k ^ ((L / 2) % 4) of
   // row L; lane (which = B or C, n = 8 h + i) sums state n of rows 2 c' + h, c' < 16.
-  acc_t* s_warp_rows = reinterpret_cast<acc_t*>(smem + tiles.transpose()) + warp * 32 * kRow;
-  acc_t* s_row = s_warp_rows + pos.lane * kRow;
+  // In bytes from the transpose's start, so that each place is an XOR (the places' bits are
+  // clear in the row and warp offsets) of one lane-invariant value.
+  unsigned char* s_transpose = smem + tiles.transpose();
   const int row_swizzle = 4 * ((pos.lane / 2) % 4);
   const int sum_place = 16 * ((pos.lane % 16) / kBwdStates) +
                         4 * ((pos.lane / 16) * 2 + (pos.lane % kBwdStates) / 4) + pos.lane % 4;
+  const int store_bytes = ((warp * 32 + pos.lane) * kRow + row_swizzle) * Tiles::kAcc;
+  const int sum_bytes = (warp * 32 * kRow + sum_place) * Tiles::kAcc;
   acc_t* s_lane_sums = reinterpret_cast<acc_t*>(smem + tiles.lane_sums());  // [warps][kChunk][33]
+  acc_t* s_own_lane_sums = s_lane_sums + warp * kChunk * kSumStride + pos.lane;  // [token * 33]
   acc_t* s_const = reinterpret_cast<acc_t*>(smem + tiles.constant_grads()) +
                    threadIdx.x * 2 * kBwdStates;
   acc_t* s_part = reinterpret_cast<acc_t*>(smem + tiles.partials());  // [3][slices][kChunk][ch]
@@ -303,6 +307,7 @@ __global__ void __launch_bounds__(128, 3)
     acc_t* s_thread_slots =
         reinterpret_cast<acc_t*>(stage + 4 * tiles.tile_bytes() + kChunk * 4) +
         threadIdx.x * kBwdStates;
+    const acc_t* s_pair_slots = s_thread_slots - (odd ? kBwdStates : 0);  // the even lane's
     cp_async_wait_all();
     __syncthreads();  // this chunk's tiles are in; every thread is done with the last chunk
     BC.stage(p, token0, p.seqlen);
@@ -322,27 +327,23 @@ __global__ void __launch_bounds__(128, 3)
       return t < chunk_tokens && (!packed || s_seq[t] != kPadding);
     };
 
-    // dt and gy = dout silu(z) of element (ce, t) from the tiles.
-    auto dt_at = [&](int ce, int t, acc_t bias_ce) {
-      return token_dt(acc_t(to_acc(tile_delta[ce * kPitch + t])) + bias_ce, p.delta_softplus);
-    };
-    auto gy_at = [&](int ce, int t) {
-      return token_gy(acc_t(to_acc(tile_dout[ce * kPitch + t])),
-                      has_z ? acc_t(to_acc(tile_z[ce * kPitch + t])) : acc_t(0), has_z);
+    // The inputs of element (ce, t) from the tiles (what goes unused is compiled out).
+    auto inputs_at = [&](int ce, int t, acc_t bias_ce) {
+      const int index = ce * kPitch + t;
+      return token_inputs(acc_t(to_acc(tile_u[index])), acc_t(to_acc(tile_delta[index])) + bias_ce,
+                          has_z ? acc_t(to_acc(tile_z[index])) : acc_t(0),
+                          acc_t(to_acc(tile_dout[index])), has_z, p.delta_softplus);
     };
     // du, ddelta, dz of element (ce, t) into the tiles (padding: 0, as its output was), and the
-    // thread's dD and ddelta_bias sums; dt and gy as the scan used them.
-    auto finish_token = [&](int ce, int t, acc_t D, acc_t bias_ce, acc_t dt, acc_t gy, acc_t y,
+    // thread's dD and ddelta_bias sums.
+    auto finish_token = [&](int ce, int t, acc_t D, const TokenInputs<acc_t>& in, acc_t y,
                             acc_t P1, acc_t P2) {
       const int index = ce * kPitch + t;
       if (packed && s_seq[t] == kPadding) {
         tile_u[index] = tile_delta[index] = tile_z[index] = from_acc<input_t>(acc_t(0));
         return;
       }
-      const TokenGrads<acc_t> grads = token_grads(
-          acc_t(to_acc(tile_u[index])), acc_t(to_acc(tile_delta[index])) + bias_ce, dt,
-          has_z ? acc_t(to_acc(tile_z[index])) : acc_t(0), has_z, acc_t(to_acc(tile_dout[index])),
-          gy, D, p.delta_softplus, y, P1, P2);
+      const TokenGrads<acc_t> grads = token_grads(in, has_z, D, p.delta_softplus, y, P1, P2);
       tile_u[index] = from_acc<input_t>(grads.du);
       tile_delta[index] = from_acc<input_t>(grads.ddelta);
       if (has_z) tile_z[index] = from_acc<input_t>(grads.dz);
@@ -363,8 +364,8 @@ __global__ void __launch_bounds__(128, 3)
         }
         // Computed, then masked (a branch around them costs more).
         const bool live = live_at(t);
-        const acc_t dt_live = dt_at(c, t, bias), gy_live = gy_at(c, t);
-        const acc_t dt = live ? dt_live : acc_t(0), gy = live ? gy_live : acc_t(0);
+        const TokenInputs<acc_t> in = inputs_at(c, t, bias);
+        const acc_t dt = live ? in.dt : acc_t(0), gy = live ? in.gy : acc_t(0);
         acc_t C[kBwdStates];
         load_smem_states(C, C_base + t * C_token_stride);
 #pragma unroll
@@ -393,7 +394,7 @@ __global__ void __launch_bounds__(128, 3)
 #pragma unroll
         for (int j = 0; j < kBwdSub; j += 2) {
           const int t = t0 + j + (odd ? 1 : 0);
-          const acc_t dt = dt_at(c, t, bias), mine = live_at(t) ? dt : acc_t(0);
+          const acc_t dt = inputs_at(c, t, bias).dt, mine = live_at(t) ? dt : acc_t(0);
           s_thread_slots[(t0 + j) / 2] = mine;
           const acc_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
           dt_s[j] = odd ? other : mine;
@@ -419,10 +420,12 @@ __global__ void __launch_bounds__(128, 3)
 #pragma unroll 1
     for (int sub = kSubs - 1; sub >= 0; --sub) {
       const int t0 = sub * kBwdSub;
+      // gy_own, sums_own: of the lane's tokens t0 + 2 q + odd.
       acc_t dt_s[kBwdSub], dtu_s[kBwdSub], gy_s[kBwdSub];
+      acc_t gy_own[kBwdSub / 2], z_sigmoid_own[kBwdSub / 2];
       {
         // Pass A's dt: slots t0 / 2 and t0 / 2 + 1 of the pair's even and odd lane.
-        const acc_t* even_slots = s_thread_slots - (odd ? kBwdStates : 0) + t0 / 2;
+        const acc_t* even_slots = s_pair_slots + t0 / 2;
         using Pair = typename std::conditional<sizeof(acc_t) == 4, float2, double2>::type;
         const Pair even = *reinterpret_cast<const Pair*>(even_slots);
         const Pair odd_lane = *reinterpret_cast<const Pair*>(even_slots + kBwdStates);
@@ -436,7 +439,10 @@ __global__ void __launch_bounds__(128, 3)
         // gy = dout silu(z): each lane of the pair computes one, a shuffle hands it over. Tokens
         // past the sequence's end load as 0 and give 0; padding needs the mask.
         const int t = t0 + j + (odd ? 1 : 0);
-        const acc_t gy = gy_at(c, t), mine = packed && !live_at(t) ? acc_t(0) : gy;
+        const TokenInputs<acc_t> in = inputs_at(c, t, bias);
+        const acc_t mine = packed && !live_at(t) ? acc_t(0) : in.gy;
+        gy_own[j / 2] = in.gy;
+        z_sigmoid_own[j / 2] = in.z_sigmoid;
         const acc_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
         gy_s[j] = odd ? other : mine;
         gy_s[j + 1] = odd ? mine : other;
@@ -471,9 +477,10 @@ __global__ void __launch_bounds__(128, 3)
         for (int i = 0; i < kBwdStates; ++i)
           hist[j][i] = exp2_approx(dt_s[j] * A2[i]) * before[i] + dtu_s[j] * B[i];
       }
-      // The adjoint over the sub-chunk, last token first; the channel sums y, P1, P2 of its
-      // tokens end in both lanes of the pair.
-      acc_t sums_s[3][kBwdSub];
+      // The adjoint over the sub-chunk, last token first. The channel sums y, P1, P2 of a token
+      // pair: each lane keeps its halves of the odd token's, and one shuffle a sum leaves each
+      // lane its own token's.
+      acc_t sums_own[kBwdSub / 2][3], odd_token_halves[3];
 #pragma unroll
       for (int j = kBwdSub - 1; j >= 0; --j) {
         const int t = t0 + j;
@@ -501,9 +508,17 @@ __global__ void __launch_bounds__(128, 3)
           dA[i] += dt_s[j] * r;
           P1 += A2[i] * r;
         }
-        sums_s[0][j] = y + __shfl_xor_sync(0xffffffffu, y, 1);
-        sums_s[1][j] = (P1 + __shfl_xor_sync(0xffffffffu, P1, 1)) * acc_t(1.0 / kLog2e);
-        sums_s[2][j] = P2 + __shfl_xor_sync(0xffffffffu, P2, 1);
+        const acc_t halves[3] = {y, P1, P2};
+#pragma unroll
+        for (int which = 0; which < 3; ++which) {
+          if (j % 2 == 1) {
+            odd_token_halves[which] = halves[which];
+          } else {
+            const acc_t mine = odd ? odd_token_halves[which] : halves[which];
+            const acc_t other = odd ? halves[which] : odd_token_halves[which];
+            sums_own[j / 2][which] = mine + __shfl_xor_sync(0xffffffffu, other, 1);
+          }
+        }
         if (!variable_B || !variable_C) {
 #pragma unroll
           for (int i = 0; i < kBwdStates; ++i) {
@@ -515,37 +530,38 @@ __global__ void __launch_bounds__(128, 3)
           // The warp's sums over its 16 channels: lane (B or C = lane / 16, state lane % 16).
 #pragma unroll
           for (int k = 0; k < 4; ++k)
-            store_smem4(s_row + ((4 * k) ^ row_swizzle), k < 2 ? dB + 4 * k : dC + 4 * (k - 2));
+            store_smem4(reinterpret_cast<acc_t*>(s_transpose +
+                                                 (store_bytes ^ (4 * k * Tiles::kAcc))),
+                        k < 2 ? dB + 4 * k : dC + 4 * (k - 2));
           __syncwarp();
           // Two chains of 8 adds rather than one of 16 (a full tree spills).
           acc_t sum[2] = {0, 0};
 #pragma unroll
           for (int cw = 0; cw < 16; ++cw)
-            sum[cw % 2] += s_warp_rows[cw * 2 * kRow + (sum_place ^ (4 * (cw % 4)))];
-          s_lane_sums[(warp * kChunk + t) * kSumStride + pos.lane] = sum[0] + sum[1];
+            sum[cw % 2] += *reinterpret_cast<const acc_t*>(
+                s_transpose + (sum_bytes ^ (4 * (cw % 4) * Tiles::kAcc)) + cw * 2 * kRow * Tiles::kAcc);
+          s_own_lane_sums[t * kSumStride] = sum[0] + sum[1];
           __syncwarp();
         }
       }
-      if (g.slices == 1) {
-        // Finish tokens t0 + odd and t0 + odd + 2 of the channel in the tiles.
 #pragma unroll
-        for (int q = 0; q < kBwdSub / 2; ++q) {
-          const int j = 2 * q + (odd ? 1 : 0), t = t0 + j;
+      for (int q = 0; q < kBwdSub / 2; ++q) {
+        const int t = t0 + 2 * q + (odd ? 1 : 0);
+        sums_own[q][1] *= acc_t(1.0 / kLog2e);
+        if (g.slices == 1) {
+          // Finish the lane's tokens of the channel in the tiles.
           if (t >= chunk_tokens || !channel_valid) continue;
-          const acc_t y = odd ? sums_s[0][2 * q + 1] : sums_s[0][2 * q];
-          const acc_t P1 = odd ? sums_s[1][2 * q + 1] : sums_s[1][2 * q];
-          const acc_t P2 = odd ? sums_s[2][2 * q + 1] : sums_s[2][2 * q];
-          const acc_t dt = odd ? dt_s[2 * q + 1] : dt_s[2 * q];
-          const acc_t gy = odd ? gy_s[2 * q + 1] : gy_s[2 * q];
-          finish_token(c, t, D_own, bias, dt, gy, y, P1, P2);
-        }
-      } else if (!odd) {
-#pragma unroll
-        for (int j = 0; j < kBwdSub; ++j) {
-          acc_t* part = s_part + (pos.slice * kChunk + t0 + j) * channels + c;
+          // The tiles' inputs, with what the scan derived of them (the same values) kept.
+          TokenInputs<acc_t> in = inputs_at(c, t, bias);
+          in.dt = odd ? dt_s[2 * q + 1] : dt_s[2 * q];
+          in.gy = gy_own[q];
+          in.z_sigmoid = z_sigmoid_own[q];
+          finish_token(c, t, D_own, in, sums_own[q][0], sums_own[q][1], sums_own[q][2]);
+        } else {
+          acc_t* part = s_part + (pos.slice * kChunk + t) * channels + c;
           const int which_stride = g.slices * kChunk * channels;
 #pragma unroll
-          for (int which = 0; which < 3; ++which) part[which * which_stride] = sums_s[which][j];
+          for (int which = 0; which < 3; ++which) part[which * which_stride] = sums_own[q][which];
         }
       }
     }
@@ -571,9 +587,9 @@ __global__ void __launch_bounds__(128, 3)
         continue;
       }
       const int64_t ch = pos.channel0 + ce;
-      const acc_t bias_ce = channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, ch);
-      finish_token(ce, t, channel_weight<acc_t>(p.D, p.D_stride, ch), bias_ce,
-                   dt_at(ce, t, bias_ce), gy_at(ce, t), sums[0], sums[1], sums[2]);
+      finish_token(ce, t, channel_weight<acc_t>(p.D, p.D_stride, ch),
+                   inputs_at(ce, t, channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, ch)),
+                   sums[0], sums[1], sums[2]);
     }
     // The chunk's channel sums of dB and dC: the block's channel warps in order.
     for (int e = threadIdx.x; e < g.slices * 32 * kChunk; e += blockDim.x) {

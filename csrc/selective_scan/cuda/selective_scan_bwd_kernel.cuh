@@ -539,7 +539,8 @@ __global__ void __launch_bounds__(128, 3)
 #pragma unroll
           for (int cw = 0; cw < 16; ++cw)
             sum[cw % 2] += *reinterpret_cast<const acc_t*>(
-                s_transpose + (sum_bytes ^ (4 * (cw % 4) * Tiles::kAcc)) + cw * 2 * kRow * Tiles::kAcc);
+                s_transpose + (sum_bytes ^ (4 * (cw % 4) * Tiles::kAcc)) +
+                cw * 2 * kRow * Tiles::kAcc);
           s_own_lane_sums[t * kSumStride] = sum[0] + sum[1];
           __syncwarp();
         }

@@ -188,6 +188,18 @@ def test_backward_matches_reference(case, dtype, device):
     check_backward(case, dtype, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seqlen,dstate,z", [(1, 16, True), (15, 16, False), (16, 16, True),
+                                             (17, 32, True), (33, 16, False)])
+def test_backward_at_chunk_ends(seqlen, dstate, z, dtype, device):
+    # The CUDA backward runs chunks of 16 tokens: pass A keeps each token's dt for pass B (0 past
+    # the sequence's end), whose gy there is 0 from the zero-filled tiles; dstate 32 takes two
+    # slices, whose lanes hand their tokens' sums over in shared memory.
+    check_backward(Case(batch=2, dim=20, dstate=dstate, seqlen=seqlen, z=z, initial_state=True),
+                   dtype, device)
+
+
 def check_backward(case, dtype, device):
     """Gradients of every input against the float64 reference's."""
     needs_kernel(device)

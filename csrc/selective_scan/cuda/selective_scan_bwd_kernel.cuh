@@ -98,6 +98,21 @@ template <typename acc_t> struct alignas(16) Acc4 {
   acc_t v[4];
 };
 
+// v[0 .. 4) to 16-byte aligned shared memory by vector stores; PTX because the compiler splits
+// the C++ ones (of an Acc4 or a float4) into 8-byte pairs.
+__device__ __forceinline__ void store_smem4(float* s, const float* v) {
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(shared_address(s)), "f"(v[0]),
+               "f"(v[1]), "f"(v[2]), "f"(v[3])
+               : "memory");
+}
+__device__ __forceinline__ void store_smem4(double* s, const double* v) {
+  asm volatile("st.shared.v2.f64 [%0], {%1, %2};" ::"r"(shared_address(s)), "d"(v[0]), "d"(v[1])
+               : "memory");
+  asm volatile("st.shared.v2.f64 [%0], {%1, %2};" ::"r"(shared_address(s + 2)), "d"(v[2]),
+               "d"(v[3])
+               : "memory");
+}
+
 template <typename acc_t>
 __device__ __forceinline__ void cp_async_acc(acc_t* smem, const acc_t* gmem, bool valid) {
   if constexpr (sizeof(acc_t) == 4) {
@@ -157,12 +172,16 @@ __global__ void __launch_bounds__(128, 3)
   State4* s_starts = reinterpret_cast<State4*>(smem + tiles.starts());  // [kSubs][2][threads]
   // The dB / dC transpose: lane L stores its vector k (of 4 states) at place k ^ ((L / 2) % 4) of
   // row L; lane (which = B or C, n = 8 h + i) sums state n of rows 2 c' + h, c' < 16.
-  acc_t* s_warp_rows = reinterpret_cast<acc_t*>(smem + tiles.transpose()) + warp * 32 * kRow;
-  acc_t* s_row = s_warp_rows + pos.lane * kRow;
+  // In bytes from the transpose's start, so that each place is an XOR (the places' bits are
+  // clear in the row and warp offsets) of one lane-invariant value.
+  unsigned char* s_transpose = smem + tiles.transpose();
   const int row_swizzle = 4 * ((pos.lane / 2) % 4);
   const int sum_place = 16 * ((pos.lane % 16) / kBwdStates) +
                         4 * ((pos.lane / 16) * 2 + (pos.lane % kBwdStates) / 4) + pos.lane % 4;
+  const int store_bytes = ((warp * 32 + pos.lane) * kRow + row_swizzle) * Tiles::kAcc;
+  const int sum_bytes = (warp * 32 * kRow + sum_place) * Tiles::kAcc;
   acc_t* s_lane_sums = reinterpret_cast<acc_t*>(smem + tiles.lane_sums());  // [warps][kChunk][33]
+  acc_t* s_own_lane_sums = s_lane_sums + warp * kChunk * kSumStride + pos.lane;  // [token * 33]
   acc_t* s_const = reinterpret_cast<acc_t*>(smem + tiles.constant_grads()) +
                    threadIdx.x * 2 * kBwdStates;
   acc_t* s_part = reinterpret_cast<acc_t*>(smem + tiles.partials());  // [3][slices][kChunk][ch]
@@ -284,8 +303,11 @@ __global__ void __launch_bounds__(128, 3)
     input_t* tile_z = tile_delta + channels * kPitch;
     const input_t* tile_dout = tile_z + channels * kPitch;
     const int32_t* s_seq = reinterpret_cast<const int32_t*>(stage + 4 * tiles.tile_bytes());
-    const acc_t* s_checkpoint =
-        reinterpret_cast<const acc_t*>(stage + 4 * tiles.tile_bytes() + kChunk * 4);
+    // The thread's checkpoint states; once pass A has read them, its tokens' dt for pass B.
+    acc_t* s_thread_slots =
+        reinterpret_cast<acc_t*>(stage + 4 * tiles.tile_bytes() + kChunk * 4) +
+        threadIdx.x * kBwdStates;
+    const acc_t* s_pair_slots = s_thread_slots - (odd ? kBwdStates : 0);  // the even lane's
     cp_async_wait_all();
     __syncthreads();  // this chunk's tiles are in; every thread is done with the last chunk
     BC.stage(p, token0, p.seqlen);
@@ -296,7 +318,6 @@ __global__ void __launch_bounds__(128, 3)
     const int64_t seq_before =
         packed && token0 > 0 ? sequence_of(p, pos.batch, token0 - 1) : kNoSequence;
     const input_t* row_u = tile_u + c * kPitch;
-    const input_t* row_delta = tile_delta + c * kPitch;
     // Whether a sequence starts at chunk token t (the same for the block).
     auto starts_at = [&](int t) {
       return packed && t < chunk_tokens &&
@@ -305,27 +326,24 @@ __global__ void __launch_bounds__(128, 3)
     auto live_at = [&](int t) {
       return t < chunk_tokens && (!packed || s_seq[t] != kPadding);
     };
-    // dt of tokens t and t + 1: each lane of the pair computes one, a shuffle hands it over.
-    auto dt_pair = [&](int t, acc_t& dt0, acc_t& dt1) {
-      acc_t mine = to_acc(row_delta[t + (odd ? 1 : 0)]) + bias;
-      if (p.delta_softplus) mine = softplus_fast(mine);
-      const acc_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
-      dt0 = odd ? other : mine;
-      dt1 = odd ? mine : other;
-    };
 
+    // The inputs of element (ce, t) from the tiles (what goes unused is compiled out).
+    auto inputs_at = [&](int ce, int t, acc_t bias_ce) {
+      const int index = ce * kPitch + t;
+      return token_inputs(acc_t(to_acc(tile_u[index])), acc_t(to_acc(tile_delta[index])) + bias_ce,
+                          has_z ? acc_t(to_acc(tile_z[index])) : acc_t(0),
+                          acc_t(to_acc(tile_dout[index])), has_z, p.delta_softplus);
+    };
     // du, ddelta, dz of element (ce, t) into the tiles (padding: 0, as its output was), and the
     // thread's dD and ddelta_bias sums.
-    auto finish_token = [&](int ce, int t, acc_t D, acc_t bias_ce, acc_t y, acc_t P1, acc_t P2) {
+    auto finish_token = [&](int ce, int t, acc_t D, const TokenInputs<acc_t>& in, acc_t y,
+                            acc_t P1, acc_t P2) {
       const int index = ce * kPitch + t;
       if (packed && s_seq[t] == kPadding) {
         tile_u[index] = tile_delta[index] = tile_z[index] = from_acc<input_t>(acc_t(0));
         return;
       }
-      const TokenGrads<acc_t> grads =
-          token_grads(acc_t(to_acc(tile_u[index])), acc_t(to_acc(tile_delta[index])) + bias_ce,
-                      has_z ? acc_t(to_acc(tile_z[index])) : acc_t(0), has_z,
-                      acc_t(to_acc(tile_dout[index])), D, p.delta_softplus, y, P1, P2);
+      const TokenGrads<acc_t> grads = token_grads(in, has_z, D, p.delta_softplus, y, P1, P2);
       tile_u[index] = from_acc<input_t>(grads.du);
       tile_delta[index] = from_acc<input_t>(grads.ddelta);
       if (has_z) tile_z[index] = from_acc<input_t>(grads.dz);
@@ -344,13 +362,10 @@ __global__ void __launch_bounds__(128, 3)
 #pragma unroll
           for (int i = 0; i < kBwdStates; ++i) decay[i] = 0;
         }
+        // Computed, then masked (a branch around them costs more).
         const bool live = live_at(t);
-        acc_t dt = to_acc(row_delta[t]) + bias;
-        if (p.delta_softplus) dt = softplus_fast(dt);
-        dt = live ? dt : acc_t(0);
-        acc_t gy = to_acc(tile_dout[c * kPitch + t]);
-        if (has_z) gy *= silu_fast(to_acc(tile_z[c * kPitch + t]));
-        gy = live ? gy : acc_t(0);
+        const TokenInputs<acc_t> in = inputs_at(c, t, bias);
+        const acc_t dt = live ? in.dt : acc_t(0), gy = live ? in.gy : acc_t(0);
         acc_t C[kBwdStates];
         load_smem_states(C, C_base + t * C_token_stride);
 #pragma unroll
@@ -363,11 +378,13 @@ __global__ void __launch_bounds__(128, 3)
       continue;
     }
 
-    // Pass A: replay the chunk from its checkpoint, keeping the state before each sub-chunk.
+    // Pass A: replay the chunk from its checkpoint, keeping the state before each sub-chunk,
+    // and each token's dt (0 where not live) for pass B: a lane of the pair computes the dt of
+    // tokens 2 k + odd, keeps it in its slot k, and a shuffle hands it to the other lane.
     {
       acc_t h[kBwdStates];
 #pragma unroll
-      for (int i = 0; i < kBwdStates; ++i) h[i] = s_checkpoint[threadIdx.x * kBwdStates + i];
+      for (int i = 0; i < kBwdStates; ++i) h[i] = s_thread_slots[i];
 #pragma unroll 1
       for (int t0 = 0; t0 < kChunk; t0 += kBwdSub) {
         State4* start = s_starts + (t0 / kBwdSub) * 2 * blockDim.x + threadIdx.x;
@@ -375,12 +392,19 @@ __global__ void __launch_bounds__(128, 3)
         start[blockDim.x] = State4{{h[4], h[5], h[6], h[7]}};
         acc_t dt_s[kBwdSub];
 #pragma unroll
-        for (int j = 0; j < kBwdSub; j += 2) dt_pair(t0 + j, dt_s[j], dt_s[j + 1]);
+        for (int j = 0; j < kBwdSub; j += 2) {
+          const int t = t0 + j + (odd ? 1 : 0);
+          const acc_t dt = inputs_at(c, t, bias).dt, mine = live_at(t) ? dt : acc_t(0);
+          s_thread_slots[(t0 + j) / 2] = mine;
+          const acc_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
+          dt_s[j] = odd ? other : mine;
+          dt_s[j + 1] = odd ? mine : other;
+        }
 #pragma unroll
         for (int j = 0; j < kBwdSub; ++j) {
           const int t = t0 + j;
           if (starts_at(t)) load_start_state(h, p, pos, s_seq[t], token0 + t);
-          const acc_t dt = live_at(t) ? dt_s[j] : acc_t(0);
+          const acc_t dt = dt_s[j];
           const acc_t dtu = dt * to_acc(row_u[t]);
           acc_t B[kBwdStates];
           load_smem_states(B, B_base + t * B_token_stride);
@@ -390,54 +414,73 @@ __global__ void __launch_bounds__(128, 3)
       }
     }
 
+    __syncwarp();  // the pair's dt slots are written
+
     // Pass B: the sub-chunks, last first.
 #pragma unroll 1
     for (int sub = kSubs - 1; sub >= 0; --sub) {
       const int t0 = sub * kBwdSub;
+      // gy_own, sums_own: of the lane's tokens t0 + 2 q + odd.
       acc_t dt_s[kBwdSub], dtu_s[kBwdSub], gy_s[kBwdSub];
+      acc_t gy_own[kBwdSub / 2], z_sigmoid_own[kBwdSub / 2];
+      {
+        // Pass A's dt: slots t0 / 2 and t0 / 2 + 1 of the pair's even and odd lane.
+        const acc_t* even_slots = s_pair_slots + t0 / 2;
+        using Pair = typename std::conditional<sizeof(acc_t) == 4, float2, double2>::type;
+        const Pair even = *reinterpret_cast<const Pair*>(even_slots);
+        const Pair odd_lane = *reinterpret_cast<const Pair*>(even_slots + kBwdStates);
+        dt_s[0] = even.x;
+        dt_s[1] = odd_lane.x;
+        dt_s[2] = even.y;
+        dt_s[3] = odd_lane.y;
+      }
 #pragma unroll
       for (int j = 0; j < kBwdSub; j += 2) {
-        dt_pair(t0 + j, dt_s[j], dt_s[j + 1]);
-        // gy = dout silu(z), split over the pair likewise.
-        const int tm = t0 + j + (odd ? 1 : 0);
-        acc_t mine = to_acc(tile_dout[c * kPitch + tm]);
-        if (has_z) mine *= silu_fast(to_acc(tile_z[c * kPitch + tm]));
+        // gy = dout silu(z): each lane of the pair computes one, a shuffle hands it over. Tokens
+        // past the sequence's end load as 0 and give 0; padding needs the mask.
+        const int t = t0 + j + (odd ? 1 : 0);
+        const TokenInputs<acc_t> in = inputs_at(c, t, bias);
+        const acc_t mine = packed && !live_at(t) ? acc_t(0) : in.gy;
+        gy_own[j / 2] = in.gy;
+        z_sigmoid_own[j / 2] = in.z_sigmoid;
         const acc_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
         gy_s[j] = odd ? other : mine;
         gy_s[j + 1] = odd ? mine : other;
       }
 #pragma unroll
-      for (int j = 0; j < kBwdSub; ++j) {
-        const bool live = live_at(t0 + j);
-        dt_s[j] = live ? dt_s[j] : acc_t(0);
-        gy_s[j] = live ? gy_s[j] : acc_t(0);
-        dtu_s[j] = dt_s[j] * to_acc(row_u[t0 + j]);
-      }
+      for (int j = 0; j < kBwdSub; ++j) dtu_s[j] = dt_s[j] * to_acc(row_u[t0 + j]);
       // Replay the sub-chunk keeping every state.
       acc_t hist[kBwdSub][kBwdStates];
-      {
-        const State4* start = s_starts + sub * 2 * blockDim.x + threadIdx.x;
-        const State4 low = start[0], high = start[blockDim.x];
+      const State4* start = s_starts + sub * 2 * blockDim.x + threadIdx.x;
+      // The state before token t0 + j (a sequence's start state where one starts there): the
+      // sub-chunk's start (read again when needed, rather than held) or the replay's state.
+      auto state_before = [&](int j, acc_t (&before)[kBwdStates]) {
+        if (j == 0) {
+          const State4 low = start[0], high = start[blockDim.x];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          hist[0][i] = low.v[i];
-          hist[0][4 + i] = high.v[i];
+          for (int i = 0; i < 4; ++i) {
+            before[i] = low.v[i];
+            before[4 + i] = high.v[i];
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < kBwdStates; ++i) before[i] = hist[j - 1][i];
         }
-      }
+        if (starts_at(t0 + j)) load_start_state(before, p, pos, s_seq[t0 + j], token0 + t0 + j);
+      };
 #pragma unroll
       for (int j = 0; j < kBwdSub; ++j) {
         acc_t B[kBwdStates], before[kBwdStates];
         load_smem_states(B, B_base + (t0 + j) * B_token_stride);
-#pragma unroll
-        for (int i = 0; i < kBwdStates; ++i) before[i] = hist[j == 0 ? 0 : j - 1][i];
-        if (starts_at(t0 + j)) load_start_state(before, p, pos, s_seq[t0 + j], token0 + t0 + j);
+        state_before(j, before);
 #pragma unroll
         for (int i = 0; i < kBwdStates; ++i)
           hist[j][i] = exp2_approx(dt_s[j] * A2[i]) * before[i] + dtu_s[j] * B[i];
       }
-      // The adjoint over the sub-chunk, last token first; the channel sums y, P1, P2 of its
-      // tokens end in both lanes of the pair.
-      acc_t sums_s[3][kBwdSub];
+      // The adjoint over the sub-chunk, last token first. The channel sums y, P1, P2 of a token
+      // pair: each lane keeps its halves of the odd token's, and one shuffle a sum leaves each
+      // lane its own token's.
+      acc_t sums_own[kBwdSub / 2][3], odd_token_halves[3];
 #pragma unroll
       for (int j = kBwdSub - 1; j >= 0; --j) {
         const int t = t0 + j;
@@ -447,24 +490,35 @@ __global__ void __launch_bounds__(128, 3)
           next_seq = s_seq[t];
         }
         acc_t B[kBwdStates], C[kBwdStates], dB[kBwdStates], dC[kBwdStates];
+        acc_t before[kBwdStates];
         load_smem_states(B, B_base + t * B_token_stride);
         load_smem_states(C, C_base + t * C_token_stride);
+        state_before(j, before);
         acc_t y = 0, P1 = 0, P2 = 0;
 #pragma unroll
         for (int i = 0; i < kBwdStates; ++i) {
           y += C[i] * hist[j][i];
           dh[i] += gy_s[j] * C[i];
-          const acc_t r = dh[i] * (hist[j][i] - dtu_s[j] * B[i]);
-          dA[i] += dt_s[j] * r;
-          P1 += A2[i] * r;
           P2 += dh[i] * B[i];
           dB[i] = dh[i] * dtu_s[j];
           dC[i] = gy_s[j] * hist[j][i];
+          // dh_t a_t: the earlier token's dh, and r = dh_t a_t h_{t-1}.
           dh[i] *= exp2_approx(dt_s[j] * A2[i]);
+          const acc_t r = dh[i] * before[i];
+          dA[i] += dt_s[j] * r;
+          P1 += A2[i] * r;
         }
-        sums_s[0][j] = y + __shfl_xor_sync(0xffffffffu, y, 1);
-        sums_s[1][j] = (P1 + __shfl_xor_sync(0xffffffffu, P1, 1)) * acc_t(1.0 / kLog2e);
-        sums_s[2][j] = P2 + __shfl_xor_sync(0xffffffffu, P2, 1);
+        const acc_t halves[3] = {y, P1, P2};
+#pragma unroll
+        for (int which = 0; which < 3; ++which) {
+          if (j % 2 == 1) {
+            odd_token_halves[which] = halves[which];
+          } else {
+            const acc_t mine = odd ? odd_token_halves[which] : halves[which];
+            const acc_t other = odd ? halves[which] : odd_token_halves[which];
+            sums_own[j / 2][which] = mine + __shfl_xor_sync(0xffffffffu, other, 1);
+          }
+        }
         if (!variable_B || !variable_C) {
 #pragma unroll
           for (int i = 0; i < kBwdStates; ++i) {
@@ -475,39 +529,40 @@ __global__ void __launch_bounds__(128, 3)
         if (variable_BC) {
           // The warp's sums over its 16 channels: lane (B or C = lane / 16, state lane % 16).
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const acc_t* v = k < 2 ? dB + 4 * k : dC + 4 * (k - 2);
-            *reinterpret_cast<State4*>(s_row + ((4 * k) ^ row_swizzle)) =
-                State4{{v[0], v[1], v[2], v[3]}};
-          }
+          for (int k = 0; k < 4; ++k)
+            store_smem4(reinterpret_cast<acc_t*>(s_transpose +
+                                                 (store_bytes ^ (4 * k * Tiles::kAcc))),
+                        k < 2 ? dB + 4 * k : dC + 4 * (k - 2));
           __syncwarp();
           // Two chains of 8 adds rather than one of 16 (a full tree spills).
           acc_t sum[2] = {0, 0};
 #pragma unroll
           for (int cw = 0; cw < 16; ++cw)
-            sum[cw % 2] += s_warp_rows[cw * 2 * kRow + (sum_place ^ (4 * (cw % 4)))];
-          s_lane_sums[(warp * kChunk + t) * kSumStride + pos.lane] = sum[0] + sum[1];
+            sum[cw % 2] += *reinterpret_cast<const acc_t*>(
+                s_transpose + (sum_bytes ^ (4 * (cw % 4) * Tiles::kAcc)) +
+                cw * 2 * kRow * Tiles::kAcc);
+          s_own_lane_sums[t * kSumStride] = sum[0] + sum[1];
           __syncwarp();
         }
       }
-      if (g.slices == 1) {
-        // Finish tokens t0 + odd and t0 + odd + 2 of the channel in the tiles.
 #pragma unroll
-        for (int q = 0; q < kBwdSub / 2; ++q) {
-          const int j = 2 * q + (odd ? 1 : 0), t = t0 + j;
+      for (int q = 0; q < kBwdSub / 2; ++q) {
+        const int t = t0 + 2 * q + (odd ? 1 : 0);
+        sums_own[q][1] *= acc_t(1.0 / kLog2e);
+        if (g.slices == 1) {
+          // Finish the lane's tokens of the channel in the tiles.
           if (t >= chunk_tokens || !channel_valid) continue;
-          const acc_t y = odd ? sums_s[0][2 * q + 1] : sums_s[0][2 * q];
-          const acc_t P1 = odd ? sums_s[1][2 * q + 1] : sums_s[1][2 * q];
-          const acc_t P2 = odd ? sums_s[2][2 * q + 1] : sums_s[2][2 * q];
-          finish_token(c, t, D_own, bias, y, P1, P2);
-        }
-      } else if (!odd) {
-#pragma unroll
-        for (int j = 0; j < kBwdSub; ++j) {
-          acc_t* part = s_part + (pos.slice * kChunk + t0 + j) * channels + c;
+          // The tiles' inputs, with what the scan derived of them (the same values) kept.
+          TokenInputs<acc_t> in = inputs_at(c, t, bias);
+          in.dt = odd ? dt_s[2 * q + 1] : dt_s[2 * q];
+          in.gy = gy_own[q];
+          in.z_sigmoid = z_sigmoid_own[q];
+          finish_token(c, t, D_own, in, sums_own[q][0], sums_own[q][1], sums_own[q][2]);
+        } else {
+          acc_t* part = s_part + (pos.slice * kChunk + t) * channels + c;
           const int which_stride = g.slices * kChunk * channels;
 #pragma unroll
-          for (int which = 0; which < 3; ++which) part[which * which_stride] = sums_s[which][j];
+          for (int which = 0; which < 3; ++which) part[which * which_stride] = sums_own[q][which];
         }
       }
     }
@@ -534,8 +589,8 @@ __global__ void __launch_bounds__(128, 3)
       }
       const int64_t ch = pos.channel0 + ce;
       finish_token(ce, t, channel_weight<acc_t>(p.D, p.D_stride, ch),
-                   channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, ch), sums[0], sums[1],
-                   sums[2]);
+                   inputs_at(ce, t, channel_weight<acc_t>(p.delta_bias, p.delta_bias_stride, ch)),
+                   sums[0], sums[1], sums[2]);
     }
     // The chunk's channel sums of dB and dC: the block's channel warps in order.
     for (int e = threadIdx.x; e < g.slices * 32 * kChunk; e += blockDim.x) {

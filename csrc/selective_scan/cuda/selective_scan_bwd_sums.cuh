@@ -8,30 +8,45 @@
 namespace mamba_ext {
 namespace scan_cuda {
 
-// The gradients of one token's activations from the sums over its channel's states (y = sum_n
-// h C, P1 = sum_n A r, P2 = sum_n dh B) and its inputs; dt_raw = delta + delta_bias. The
-// nonlinearities are the scan's fast ones (exact in double).
+// A token's inputs and what the scan derives from them: dt_raw = delta + delta_bias, dt
+// (softplus(dt_raw) or dt_raw), z_sigmoid = sigmoid(z) and gy = dout silu(z) (without z: 1 and
+// dout). The nonlinearities are the scan's fast ones (exact in double).
+template <typename acc_t> struct TokenInputs {
+  acc_t u, dt_raw, dt, z, z_sigmoid, dout, gy;
+};
+template <typename acc_t>
+__device__ __forceinline__ TokenInputs<acc_t> token_inputs(acc_t u, acc_t dt_raw, acc_t z,
+                                                           acc_t dout, bool has_z,
+                                                           bool delta_softplus) {
+  TokenInputs<acc_t> in{u, dt_raw, delta_softplus ? softplus_fast(dt_raw) : dt_raw, z, 1, dout,
+                        dout};
+  if (has_z) {
+    in.z_sigmoid = sigmoid_fast(z);
+    in.gy = dout * (z * in.z_sigmoid);  // silu_fast(z) is z times the same reciprocal
+  }
+  return in;
+}
+
+// The gradients of one token's activations from its inputs and the sums over its channel's
+// states: y = sum_n h C, P1 = sum_n A r, P2 = sum_n dh B.
 template <typename acc_t> struct TokenGrads {
   acc_t du, ddelta, dz, dD, ddelta_bias;
 };
 template <typename acc_t>
-__device__ __forceinline__ TokenGrads<acc_t> token_grads(acc_t u, acc_t dt_raw, acc_t z,
-                                                         bool has_z, acc_t dout, acc_t D,
-                                                         bool delta_softplus, acc_t y, acc_t P1,
-                                                         acc_t P2) {
+__device__ __forceinline__ TokenGrads<acc_t> token_grads(const TokenInputs<acc_t>& in, bool has_z,
+                                                         acc_t D, bool delta_softplus, acc_t y,
+                                                         acc_t P1, acc_t P2) {
   TokenGrads<acc_t> g;
-  const acc_t dt = delta_softplus ? softplus_fast(dt_raw) : dt_raw;
-  acc_t gy = dout;
   g.dz = 0;
   if (has_z) {
-    const acc_t s = sigmoid_fast(z);  // d/dz silu(z) = s (1 + z (1 - s))
-    gy = dout * z * s;
-    g.dz = dout * (y + D * u) * s * (acc_t(1) + z * (acc_t(1) - s));
+    // d/dz silu(z) = s (1 + z (1 - s))
+    const acc_t s = in.z_sigmoid;
+    g.dz = in.dout * (y + D * in.u) * s * (acc_t(1) + in.z * (acc_t(1) - s));
   }
-  const acc_t ddt = P1 + u * P2;
-  g.ddelta = delta_softplus ? ddt * sigmoid_fast(dt_raw) : ddt;
-  g.du = dt * P2 + D * gy;
-  g.dD = gy * u;
+  const acc_t ddt = P1 + in.u * P2;
+  g.ddelta = delta_softplus ? ddt * sigmoid_fast(in.dt_raw) : ddt;
+  g.du = in.dt * P2 + D * in.gy;
+  g.dD = in.gy * in.u;
   g.ddelta_bias = g.ddelta;
   return g;
 }
@@ -118,10 +133,11 @@ __global__ void __launch_bounds__(256)
       for (int which = 0; which < 3; ++which)
         sums[which] += partials[(block * 3 + which) * which_stride + token];
     const bool has_z = p.z != nullptr;
-    const TokenGrads<acc_t> grads =
-        token_grads(acc_t(u(channel, token)), acc_t(delta(channel, token)) + bias,
-                    has_z ? acc_t(z(channel, token)) : acc_t(0), has_z,
-                    acc_t(dout(channel, token)), D, p.delta_softplus, sums[0], sums[1], sums[2]);
+    const TokenGrads<acc_t> grads = token_grads(
+        token_inputs(acc_t(u(channel, token)), acc_t(delta(channel, token)) + bias,
+                     has_z ? acc_t(z(channel, token)) : acc_t(0), acc_t(dout(channel, token)),
+                     has_z, p.delta_softplus),
+        has_z, D, p.delta_softplus, sums[0], sums[1], sums[2]);
     du.store(channel, token, grads.du);
     ddelta.store(channel, token, grads.ddelta);
     if (has_z) dz.store(channel, token, grads.dz);

@@ -789,15 +789,16 @@ def test_cuda_update_at_large_batch(batch, width, extra_state, dtypes):
     inputs = make_update_inputs((None, width, extra_state, False, True, "contiguous"), dtype,
                                 weight_dtype, "cuda", batch=batch, dim=dim)
     indices = inputs["conv_state_indices"]
-    indices[[5, 100, 258]] = torch.tensor([-1, batch + 2, -7], dtype=torch.int32, device="cuda")
+    skipped = [5, batch // 2 + 1, batch - 1]  # padding, past the end, negative
+    indices[skipped] = torch.tensor([-1, batch + 2, -7], dtype=torch.int32, device="cuda")
     state_before = inputs["conv_state"].clone()
     out = causal_conv1d_update(**inputs)
-    kept = [b for b in range(batch) if b not in (5, 100, 258)]
+    kept = [b for b in range(batch) if b not in skipped]
     ref_inputs = as_float64({**inputs, "x": inputs["x"][kept], "conv_state": state_before,
                              "conv_state_indices": indices[kept]})
     ref_out = causal_conv1d_update_ref(**ref_inputs)
     helpers.assert_close(out[kept], ref_out, dtype)
-    assert torch.equal(out[[5, 100, 258]], torch.zeros_like(out[[5, 100, 258]]))
+    assert torch.equal(out[skipped], torch.zeros_like(out[skipped]))
     assert torch.equal(inputs["conv_state"], ref_inputs["conv_state"].to(dtype))
 
 

@@ -642,13 +642,17 @@ CUDA_CASES = [
     (2, 16, 3, 3, "channel_last", True, True, False),
     (2, 33, 1000, 4, "strided", True, True, False),
     (2, 40000, 8, 4, "contiguous", False, False, False),  # more rows than gridDim.y allows
-    # The contiguous backward's tiles (2048 16-bit or 1024 fp32 tokens) and steps (256 / 128):
+    # The contiguous kernels' tiles (2048 16-bit or 1024 fp32 tokens) and steps (256 / 128):
     # a last tile of 7 (6) steps and an empty one; of 8 steps, the last partial, with and
     # without vectors; dfinal_states' positions across a tile's end.
     (2, 24, 3840, 4, "contiguous", False, True, False),
     (2, 24, 4000, 3, "contiguous", True, False, False),
     (2, 40, 4000, 4, "contiguous", True, True, True),
     (1, 8, 2050, 4, "contiguous", False, True, False),
+    # A last tile of one whole step (fp32: of 2); final_states taken
+    # from a tile's last step.
+    (2, 8, 2304, 4, "contiguous", True, True, False),
+    (2, 8, 2304, 2, "contiguous", False, False, True),
 ]
 
 

@@ -1,9 +1,12 @@
 // CUDA forward of the causal depthwise conv1d: the contiguous and the channel-last kernel, and
 // the launch. The traits and the loaders they share with the backward are in
-// causal_conv1d_common.cuh. Each kernel has a vectorized variant (aligned unit-stride rows:
-// 16-byte loads and stores) and an elementwise one for any strides and alignment. Which taps are
-// on comes as bit masks: the width's alone (the same for every token, so the compiler hoists
-// them) or, with seq_idx, per token (TokenMasks).
+// causal_conv1d_common.cuh. Contiguous x: a warp sweeps a tile of a row step by step
+// (ContiguousTileTraits), a vector a lane, the whole tile copied into shared memory (cp.async) as
+// it starts, as the backward does. Channel-last x: a thread slides a window over a run of tokens
+// of its channels. Each kernel has a vectorized variant (aligned unit-stride rows: 16-byte loads
+// and stores) and an elementwise one for any strides and alignment. Which taps are on comes as
+// bit masks: the width's alone (the same for every token, so the compiler hoists them) or, with
+// seq_idx, per token (TokenMasks).
 #pragma once
 
 #include "causal_conv1d/cuda/causal_conv1d_common.cuh"
@@ -20,46 +23,74 @@ __device__ __forceinline__ acc_t out_of_token(const Taps<acc_t>& taps, const acc
 
 template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
 __device__ __forceinline__ void fwd_contiguous(const CausalConv1dFwdParams& params) {
-  using Traits = ContiguousFwdTraits<input_t>;
+  using Traits = ContiguousTileTraits<input_t>;
   using acc_t = typename Traits::acc_t;
-  constexpr int kNElts = Traits::kNElts, kNVecs = Traits::kNVecs;
-  const ContiguousThread<Traits> thread(params);
+  constexpr int kNElts = Traits::kNElts;
+  __shared__ StagedTile<Traits> x_tiles[Traits::kNWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  StagedTile<Traits>& x_tile = x_tiles[warp];
+  const WarpTile<Traits> place(params, warp);
+  if (!place.exists) return;  // the whole warp: no block-wide sync follows
+  // Tokens are numbered from the tile's start in 32-bit ints from here on.
+  const int tile_len = int(min(params.seqlen - place.t0, int64_t(Traits::kTileTokens)));
+  const int n_steps = int(ceil_div(tile_len, Traits::kStepTokens));
+  // A vectorized row has stride 1: said outright (see the backward).
+  const int64_t x_stride = kVectorized ? 1 : params.x_seqlen_stride;
+  const int64_t out_stride = kVectorized ? 1 : params.out_seqlen_stride;
+  // The tile's first tokens: a valid address (the tile has tokens), 16-byte aligned if vectorized.
+  const input_t* x = static_cast<const input_t*>(params.x) + place.b * params.x_batch_stride +
+                     place.d * params.x_dim_stride + place.t0 * x_stride;
+  input_t* out = static_cast<input_t*>(params.out) + place.b * params.out_batch_stride +
+                 place.d * params.out_dim_stride + place.t0 * out_stride;
+  // The whole tile in flight, before the per-tile loads below, so that those wait alongside.
+  start_tile<Traits>(tile_len, n_steps, lane, [&](int s, int n_valid) {
+    x_tile.template fill<kVectorized>(s, lane, x, x_stride, n_valid);
+  });
   Taps<acc_t> taps;
-  taps.load(params, thread.d);
-  XWindows<Traits> xs;
-  xs.template load<kVectorized>(params, thread);
-  input_t* out = static_cast<input_t*>(params.out) + thread.b * params.out_batch_stride +
-                 thread.d * params.out_dim_stride;
-  // A vector's out is computed where it is stored, so that only one vector of it is live.
-  for_each_vector<kNVecs, kNElts>(thread.t0, params.seqlen, [&](int u, int64_t t, int n_valid) {
+  taps.load(params, place.d);
+  LeftHalos<Traits> halos(params, place.b, place.d, place.t0);
+  // Before the steps, while the tile is in flight, so that the place need not stay live.
+  if (params.final_states != nullptr && place.tile == place.ntiles - 1 && lane == 0)
+    write_final_states<input_t>(params, place.b, place.d);
+#pragma unroll 1
+  for (int s = 0; s < n_steps; ++s) {
+    wait_for_step<Traits>();
+    const int t = s * Traits::kStepTokens + lane * kNElts;
+    alignas(16) input_t xv[kNElts];
+    x_tile.read(s, lane, xv);
+    acc_t xw[kHalo + kNElts];  // tokens [t - kHalo, t + kNElts)
+    halos.window(lane, xv, xw);
     TokenMasks masks{};
-    if constexpr (kMasked) masks = token_masks<kNElts>(params, taps, thread.b, t);
+    if constexpr (kMasked) masks = token_masks<kNElts>(params, taps, place.b, place.t0 + t);
     acc_t o[kNElts];
 #pragma unroll
     for (int e = 0; e < kNElts; ++e) {
-      acc_t x[kMaxWidth];
-      xs.taps_of(u, e, x);
-      o[e] = kMasked ? out_of_token<kSilu>(taps, x, bits_of(masks.reads, e),
+      const acc_t xe[kMaxWidth] = {xw[e], xw[e + 1], xw[e + 2], xw[e + 3]};
+      o[e] = kMasked ? out_of_token<kSilu>(taps, xe, bits_of(masks.reads, e),
                                            masks.padding >> e & 1u)
-                     : out_of_token<kSilu>(taps, x, taps.width_bits, false);
+                     : out_of_token<kSilu>(taps, xe, taps.width_bits, false);
     }
-    store_from_acc<kVectorized>(out + t * params.out_seqlen_stride, params.out_seqlen_stride,
-                                n_valid, o);
-  });
-  if (params.final_states != nullptr && thread.tile == thread.ntiles - 1 && threadIdx.x == 0)
-    write_final_states<input_t>(params, thread.b, thread.d);
+    store_tile_vector<kVectorized>(out, out_stride, t, count_in(tile_len - t, kNElts), o);
+  }
 }
 
-// 16-bit types at 8 blocks a multiprocessor (at most 64 registers; left alone the compiler takes
-// 75, 6 blocks), so that 64 KB of x are in flight on each: more than fp32's 56 KB, which reached
-// 99% of a copy's bandwidth. (Only the elementwise variant spills, a few bytes.)
-template <typename input_t, bool kVectorized>
-__global__ void __launch_bounds__(ContiguousFwdTraits<input_t>::kNThreads,
-                                  sizeof(input_t) == 2 ? 8 : 1)
+// Blocks a multiprocessor runs at once for 16-bit and 32-bit types: the most that leave each
+// variant unspilled (ptxas, sm_90a): 10 (48 registers, 40 warps) for vectorized rows without
+// seq_idx, the case that matters, 8 (64) otherwise. A warp starts with its whole tile, 4 KB, in
+// flight (16 KB of shared memory a block, 160 KB at 10), where the register-prefetch kernel kept
+// 64 bytes a thread (64 KB a multiprocessor at 8 blocks), loaded, then computed, then stored.
+template <typename input_t, bool kVectorized, bool kMasked>
+constexpr int fwd_contiguous_min_blocks() {
+  if (sizeof(input_t) > 4) return 1;
+  return kVectorized && !kMasked ? 10 : 8;
+}
+
+// A kernel per activation and masking (kernel_for).
+template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
+__global__ void __launch_bounds__(ContiguousTileTraits<input_t>::kNThreads,
+                                  fwd_contiguous_min_blocks<input_t, kVectorized, kMasked>())
     causal_conv1d_fwd_contiguous_kernel(const CausalConv1dFwdParams params) {
-  with_flags(params.silu, params.seq_idx != nullptr, [&](auto silu, auto masked) {
-    fwd_contiguous<input_t, kVectorized, decltype(silu)::value, decltype(masked)::value>(params);
-  });
+  fwd_contiguous<input_t, kVectorized, kSilu, kMasked>(params);
 }
 
 template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
@@ -174,14 +205,15 @@ cudaError_t causal_conv1d_fwd_cuda(const CausalConv1dFwdParams& params, cudaStre
                              : causal_conv1d_fwd_channels_inner_kernel<input_t, false>,
                          params);
   }
-  using Traits = ContiguousFwdTraits<input_t>;
-  const int64_t blocks =
-      params.batch * params.dim * ceil_div(params.seqlen, Traits::kTileTokens);
-  return launch_blocks(blocks, Traits::kNThreads, stream,
-                       fwd_vectorizable<input_t, Traits::kNElts>(params, false)
-                           ? causal_conv1d_fwd_contiguous_kernel<input_t, true>
-                           : causal_conv1d_fwd_contiguous_kernel<input_t, false>,
-                       params);
+  using Traits = ContiguousTileTraits<input_t>;
+  const auto kernel = kernel_for(
+      fwd_vectorizable<input_t, Traits::kNElts>(params, false), params,
+      [](auto vectorized, auto silu, auto masked) {
+        return causal_conv1d_fwd_contiguous_kernel<input_t, decltype(vectorized)::value,
+                                                   decltype(silu)::value, decltype(masked)::value>;
+      });
+  return launch_blocks_max_shared(Traits::grid_blocks(params), Traits::kNThreads, stream,
+                                  kernel, params);
 }
 
 }  // namespace mamba_ext

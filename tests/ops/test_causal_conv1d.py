@@ -19,6 +19,10 @@ def in_layout(x, layout):
         return x.contiguous()
     if layout == "channel_last":
         return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "channel_last_wide":  # the first dim channels of 16-byte aligned wider rows
+        batch, dim, seqlen = x.shape
+        wide = torch.zeros(batch, seqlen, (dim + 15) // 8 * 8, dtype=x.dtype, device=x.device)
+        return wide[:, :, :dim].copy_(x.transpose(1, 2)).transpose(1, 2)
     return helpers.strided(x, dim=2)
 
 
@@ -653,6 +657,12 @@ CUDA_CASES = [
     # from a tile's last step.
     (2, 8, 2304, 4, "contiguous", True, True, False),
     (2, 8, 2304, 2, "contiguous", False, False, True),
+    # The channel-last forward's runs (32 tokens), ring (8 tokens) and warps (256 16-bit or 128
+    # fp32 channels): a last run shorter than the ring; a last warp of 1 (2) lanes; vectorized
+    # rows whose last lane has 4 of its 8 channels (16-bit).
+    (2, 264, 37, 4, "channel_last", True, True, False),
+    (1, 264, 1000, 3, "channel_last", False, True, False),
+    (2, 300, 70, 4, "channel_last_wide", True, True, False),
 ]
 
 
@@ -675,7 +685,7 @@ def test_cuda_matches_cpu_and_reference(case, dtypes):
         cuda_inputs["x"] = misaligned(cuda_inputs["x"])
     # dout in out's layout, as autograd brings it.
     dout = in_layout(torch.randn(batch, dim, seqlen, dtype=dtype),
-                     "channel_last" if layout == "channel_last" else "contiguous")
+                     "channel_last" if layout.startswith("channel_last") else "contiguous")
     dfinal_states = torch.randn(batch, dim, width - 1, dtype=dtype)
 
     poison_cuda_cache()

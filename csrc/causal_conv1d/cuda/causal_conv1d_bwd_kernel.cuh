@@ -114,9 +114,9 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
   };
   // The whole tile in flight (zeros past tile_len: dz is 0 there), before the per-tile loads
   // below, so that those wait alongside.
-  start_tile<Traits>(tile_len, n_run, lane, [&](int s, int n_valid) {
-    x_tile.template fill<kVectorized>(s, lane, x, x_stride, n_valid);
-    dy_tile.template fill<kVectorized>(s, lane, dout, dout_stride, n_valid);
+  start_tile<Traits>(tile_len, n_run, lane, [&](int s, int t, int n_valid) {
+    x_tile.template fill<kVectorized>(s, lane, x, t, x_stride, n_valid);
+    dy_tile.template fill<kVectorized>(s, lane, dout, t, dout_stride, n_valid);
   });
 
   Taps<acc_t> taps;

@@ -363,10 +363,6 @@ template <typename input_t_> struct ContiguousTileTraits {
   static constexpr int kStepTokens = 32 * kNElts;
   static constexpr int kTileTokens = int(kCausalConv1dCudaTileBytes) / int(sizeof(input_t));
   static constexpr int kNSteps = kTileTokens / kStepTokens;  // 8 (4 for double)
-  // A lane's vector is kChunks 16-byte chunks.
-  static constexpr int kChunks = kNElts * int(sizeof(input_t)) / 16;
-  static constexpr int kChunkElts = 16 / int(sizeof(input_t));
-  static_assert(kChunks * 16 == kNElts * int(sizeof(input_t)), "a vector must be whole chunks");
   // A vector's last kHalo tokens, the left halo of the vector after it, pass between lanes as
   // whole 32-bit words: the last kTailElts elements (4 of a 16-bit type, 3 of wider ones).
   static constexpr int kTailWords = (kHalo * int(sizeof(input_t)) + 3) / 4;
@@ -381,9 +377,9 @@ template <typename input_t_> struct ContiguousTileTraits {
   }
 };
 
-// Channel-last x (threads along channels). A thread owns kNElts channels of one batch row and
-// slides a window of kMaxWidth tokens over a run of tokens, loading kStepTokens at a time, so
-// that a run of T tokens costs T + kHalo loads.
+// Channel-last backward (threads along channels). A thread owns kNElts channels of one batch row
+// and slides a window of kMaxWidth tokens over a run of tokens, loading kBwdStepTokens at a time,
+// so that a run of T tokens costs T + kHalo loads.
 template <typename input_t_> struct ChannelsInnerTraits {
   using input_t = input_t_;
   using acc_t = acc_type<input_t>;
@@ -393,20 +389,40 @@ template <typename input_t_> struct ChannelsInnerTraits {
   // warp), 2 doubles. More would cost registers (taps and window grow with them) that are worth
   // more as tokens in flight.
   static constexpr int kNElts = 16 / int(sizeof(input_t)) < 4 ? 16 / int(sizeof(input_t)) : 4;
-  // Forward: a block of threads side by side along channels, each over a run of tokens, loading
-  // a step of 64 bytes (8 tokens of 16-bit channels, 4 of wider ones) while computing the last.
-  static constexpr int kStepTokens = 64 / (kNElts * int(sizeof(input_t)));
-  static constexpr int kRunTokens = 32;
-  static constexpr int kBlockChannels = kNThreads * kNElts;
-  // Backward: the window holds dz too, so fewer tokens a step; a warp along channels, the
-  // block's warps along tokens, so that the block's sums of dweight cover a whole tile.
+  // The window holds dz too, so few tokens a step; a warp along channels, the block's warps
+  // along tokens, so that the block's sums of dweight cover a whole tile.
   static constexpr int kBwdStepTokens = 4;
   static constexpr int kBwdTileTokens = int(kCausalConv1dCudaBwdTileTokensChannelsInner);
   static constexpr int kBwdRunTokens = kBwdTileTokens / kNWarps;
   static constexpr int kBwdBlockChannels = 32 * kNElts;
   static_assert(16 % sizeof(input_t) == 0, "16 bytes must be whole elements");
-  static_assert(kRunTokens % kStepTokens == 0, "a run must be whole steps");
   static_assert(kBwdRunTokens * kNWarps == kBwdTileTokens, "a tile must be whole runs");
+};
+
+// Channel-last forward: a warp sweeps a run of kRunTokens tokens of kWarpChannels channels of one
+// batch row, a lane a 16-byte vector of channels of a token at a time, the window of the kHalo
+// tokens before it in registers. The run's tokens pass through a ring of kStages tokens in
+// shared memory (StagedVectors, cp.async, a commit group a token): the next kStages - 1 tokens
+// are in flight while one is computed, with no registers held for them.
+template <typename input_t_> struct ChannelsInnerFwdTraits {
+  using input_t = input_t_;
+  using acc_t = acc_type<input_t>;
+  static constexpr int kNThreads = 128;
+  static constexpr int kNWarps = kNThreads / 32;  // a warp a run: the block needs no sync
+  static constexpr int kNElts = 16 / int(sizeof(input_t));  // channels of a lane
+  static constexpr int kWarpChannels = 32 * kNElts;         // 512 bytes of a token
+  // Runs long enough that the kHalo tokens loaded twice cost little; short enough that a grid
+  // of b8 l4096 d4096 is several waves of blocks.
+  static constexpr int kRunTokens = 32;
+  static constexpr int kStages = 8;  // 4 KB a warp; 3.5 KB in flight
+  static_assert(16 % sizeof(input_t) == 0, "16 bytes must be whole elements");
+
+  // The blocks of the grid: a warp a run of kWarpChannels channels.
+  static int64_t grid_blocks(const CausalConv1dFwdParams& params) {
+    return ceil_div(params.batch * ceil_div(params.seqlen, kRunTokens) *
+                        ceil_div(params.dim, kWarpChannels),
+                    kNWarps);
+  }
 };
 
 // Calls f(j, n) for the kStep tokens of a step of a channel-last kernel, n the channels of token
@@ -424,8 +440,33 @@ __device__ __forceinline__ void for_each_token(int n_tokens, int n_channels, F f
   for (int j = 0; j < kStep; ++j) f(j, j < n_tokens ? n_channels : 0);
 }
 
+// The task of a warp of a grid of kNWarps-warp blocks whose warps take the tasks of an
+// (n0, n1, n2) box in order, n2 fastest. 32-bit division where it fits.
+struct WarpTask {
+  int64_t i0, i1, i2;
+  bool exists;  // false for the warps past the last task (the whole warp)
+
+  template <int kNWarps>
+  __device__ __forceinline__ static WarpTask of(int warp, int64_t n0, int64_t n1, int64_t n2) {
+    const int64_t n = n0 * n1 * n2;
+    const int64_t task = int64_t(blockIdx.x) * kNWarps + warp;
+    WarpTask w;
+    w.exists = task < n;
+    if (n <= 0xffffffffll) {
+      const unsigned outer = unsigned(task) / unsigned(n2);
+      w.i2 = unsigned(task) % unsigned(n2);
+      w.i0 = outer / unsigned(n1), w.i1 = outer % unsigned(n1);
+    } else {
+      const int64_t outer = task / n2;
+      w.i2 = task % n2;
+      w.i0 = outer / n1, w.i1 = outer % n1;
+    }
+    return w;
+  }
+};
+
 // The tile of a warp of a contiguous kernel (ContiguousTileTraits): the grid's warps in the order
-// (b * dim + d) * ntiles + tile. 32-bit division where it fits.
+// (b * dim + d) * ntiles + tile.
 template <typename Traits> struct WarpTile {
   int64_t ntiles, b, d, tile;
   int64_t t0;   // the tile's first token
@@ -433,59 +474,55 @@ template <typename Traits> struct WarpTile {
 
   __device__ __forceinline__ WarpTile(const CausalConv1dFwdParams& params, int warp) {
     ntiles = ceil_div(params.seqlen, Traits::kTileTokens);
-    const int64_t n_warp_tiles = params.batch * params.dim * ntiles;
-    const int64_t warp_tile = int64_t(blockIdx.x) * Traits::kNWarps + warp;
-    exists = warp_tile < n_warp_tiles;
-    if (n_warp_tiles <= 0xffffffffll) {
-      const unsigned row = unsigned(warp_tile) / unsigned(ntiles);
-      tile = unsigned(warp_tile) % unsigned(ntiles);
-      b = row / unsigned(params.dim), d = row % unsigned(params.dim);
-    } else {
-      const int64_t row = warp_tile / ntiles;
-      tile = warp_tile % ntiles;
-      b = row / params.dim, d = row % params.dim;
-    }
+    const WarpTask task =
+        WarpTask::of<Traits::kNWarps>(warp, params.batch, params.dim, ntiles);
+    exists = task.exists;
+    b = task.i0, d = task.i1, tile = task.i2;
     t0 = tile * Traits::kTileTokens;
   }
 };
 
-// One row's share of a warp's tile in shared memory, step by step: chunk c of lane l's vector of
-// step s at [s][c][l], so that a warp's 16-byte accesses touch every bank once.
-template <typename Traits> struct StagedTile {
-  using input_t = typename Traits::input_t;
-  static constexpr int kNElts = Traits::kNElts, kChunks = Traits::kChunks;
-  uint4 chunks[Traits::kNSteps][kChunks][32];
+// A warp's vectors of one tensor in shared memory, kSlots of them a lane (the steps of a
+// contiguous tile, the tokens of a channel-last ring), each kNElts elements of 16-byte chunks:
+// chunk c of lane l's vector of slot s at [s][c][l], so that a warp's 16-byte accesses touch
+// every bank once. A lane reads only the vectors it copied itself: no warp sync.
+template <typename input_t, int kNElts, int kSlots> struct StagedVectors {
+  static constexpr int kChunkElts = 16 / int(sizeof(input_t));
+  static constexpr int kChunks = kNElts / kChunkElts;
+  static_assert(kChunks * 16 == kNElts * int(sizeof(input_t)), "a vector must be whole chunks");
+  uint4 chunks[kSlots][kChunks][32];
 
-  // Starts the copy of lane's vector of step s (n_valid tokens, zeros after them) from the row
-  // whose tile starts at `tile` (token i at tile[i * stride]). Vectorized rows (stride 1, 16-byte
-  // aligned) copy asynchronously, so that the bytes in flight need no registers; the elementwise
-  // variant (misaligned or strided rows) loads and stores.
+  // Starts the copy of lane's vector into slot s: the n_valid (<= kNElts) elements at
+  // base[(at + i) * stride], zeros after them; base is a valid address. Vectorized rows (stride
+  // 1, 16-byte aligned vectors) copy asynchronously, so that the bytes in flight need no
+  // registers; the elementwise variant (misaligned or strided rows) loads and stores.
   template <bool kVectorized>
-  __device__ __forceinline__ void fill(int s, int lane, const input_t* tile, int64_t stride,
-                                       int n_valid) {
-    const int t = s * Traits::kStepTokens + lane * kNElts;
+  __device__ __forceinline__ void fill(int s, int lane, const input_t* base, int at,
+                                       int64_t stride, int n_valid) {
     if constexpr (kVectorized) {
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         const int bytes = min(max(n_valid * int(sizeof(input_t)) - 16 * c, 0), 16);
-        // A chunk with nothing to copy names the tile's start: an address that is valid.
-        const int at = bytes > 0 ? t + c * Traits::kChunkElts : 0;
-        cp_async_16(&chunks[s][c][lane], tile + at, bytes);
+        // A chunk with nothing to copy names base.
+        cp_async_16(&chunks[s][c][lane], base + (bytes > 0 ? at + c * kChunkElts : 0), bytes);
       }
     } else {
       alignas(16) input_t v[kNElts];
-      load_raw<false>(tile + t * stride, stride, n_valid, v);
+      load_raw<false>(base + at * stride, stride, n_valid, v);
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) chunks[s][c][lane] = reinterpret_cast<const uint4*>(v)[c];
     }
   }
 
-  // Lane's vector of step s (its own copies: no warp sync).
   __device__ __forceinline__ void read(int s, int lane, input_t (&v)[kNElts]) const {
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) reinterpret_cast<uint4*>(v)[c] = chunks[s][c][lane];
   }
 };
+
+// One row's share of a warp's contiguous tile (ContiguousTileTraits), step by step.
+template <typename Traits>
+using StagedTile = StagedVectors<typename Traits::input_t, Traits::kNElts, Traits::kNSteps>;
 
 // Stores lane's vector of values v at token t of a tile (token i at tile[i * stride]), the first
 // n_valid: a vectorized row's full vector in 16-byte stores (one STG.128 a chunk).
@@ -506,23 +543,23 @@ __device__ __forceinline__ void store_tile_vector(T* tile, int64_t stride, int t
   }
 }
 
-// Starts the copies of a warp's tile of tile_len tokens: fill(s, n_valid) starts lane's vector of
-// step s (n_valid tokens), for the first n_run steps, a commit group a step (empty ones past
-// n_run), so that wait_for_step's count is a constant.
+// Starts the copies of a warp's tile of tile_len tokens: fill(s, t, n_valid) starts lane's
+// vector of step s (tile token t, n_valid tokens), for the first n_run steps, a commit group a
+// step (empty ones past n_run), so that wait_for_step's count is a constant.
 template <typename Traits, typename Fill>
 __device__ __forceinline__ void start_tile(int tile_len, int n_run, int lane, Fill fill) {
+  const auto vector_t0 = [&](int s) { return s * Traits::kStepTokens + lane * Traits::kNElts; };
   if (tile_len >= Traits::kTileTokens) {  // every vector full: the copies with no counting
 #pragma unroll
     for (int s = 0; s < Traits::kNSteps; ++s) {
-      fill(s, Traits::kNElts);
+      fill(s, vector_t0(s), Traits::kNElts);
       cp_async_commit();
     }
     return;
   }
 #pragma unroll
   for (int s = 0; s < Traits::kNSteps; ++s) {
-    const int t = s * Traits::kStepTokens + lane * Traits::kNElts;
-    if (s < n_run) fill(s, count_in(tile_len - t, Traits::kNElts));
+    if (s < n_run) fill(s, vector_t0(s), count_in(tile_len - vector_t0(s), Traits::kNElts));
     cp_async_commit();
   }
 }

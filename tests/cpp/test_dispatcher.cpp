@@ -53,10 +53,10 @@ void test_causal_conv1d_fwd() {
 void test_selective_scan_fwd() {
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("mamba_ext::selective_scan_fwd", "")
-                .typed<std::tuple<at::Tensor, at::Tensor>(
+                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                     const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                    const OptTensor&, const OptTensor&, int64_t, bool)>();
+                    const OptTensor&, const OptTensor&, int64_t, bool, bool)>();
   const int64_t batch = 2, dim = 3, dstate = 4, seqlen = 9;
   at::Tensor u = at::randn({batch, dim, seqlen});       // (batch, dim, seqlen)
   at::Tensor delta = at::rand({batch, dim, seqlen});    // (batch, dim, seqlen)
@@ -64,8 +64,9 @@ void test_selective_scan_fwd() {
   at::Tensor B = at::randn({batch, 1, dstate, seqlen});  // (batch, ngroups, dstate, seqlen)
   at::Tensor C = at::randn({batch, 1, dstate, seqlen});  // (batch, ngroups, dstate, seqlen)
   at::Tensor D = at::randn({dim});                       // (dim,)
-  auto [out, last_state] = op.call(u, delta, A, B, C, D, std::nullopt, std::nullopt, std::nullopt,
-                                   std::nullopt, 0, false);
+  // return_checkpoints: the CPU kernel keeps none (an empty tensor).
+  auto [out, last_state, checkpoints] = op.call(u, delta, A, B, C, D, std::nullopt, std::nullopt,
+                                                std::nullopt, std::nullopt, 0, false, true);
   // The recurrence step by step in ATen.
   at::Tensor h = at::zeros({batch, dim, dstate});
   at::Tensor ref = at::empty({batch, dim, seqlen});
@@ -77,6 +78,7 @@ void test_selective_scan_fwd() {
   }
   expect(rel_error(out, ref) < 1e-5, "selective_scan_fwd matches the recurrence");
   expect(rel_error(last_state, h) < 1e-5, "selective_scan_fwd last_state matches");
+  expect(checkpoints.numel() == 0, "selective_scan_fwd keeps no checkpoints on the CPU");
 }
 
 }  // namespace

@@ -99,11 +99,12 @@ inline bool causal_conv1d_cuda_channels_inner(const CausalConv1dFwdParams& param
   return dim_stride < seqlen_stride;
 }
 
-// The backward's blocks sum dweight and dbias over tiles of tokens of one batch row: of
-// kCausalConv1dCudaBwdTileBytes of x for the contiguous kernel (4096 bytes: 2048 bf16 tokens),
-// of kCausalConv1dCudaBwdTileTokensChannelsInner tokens for the channel-last one. A tile's sums
+// The contiguous kernels' warps take tiles of kCausalConv1dCudaTileBytes of x of a row (4096
+// bytes: 2048 bf16 tokens). The backward's blocks sum dweight and dbias over tiles of tokens of
+// one batch row: those of the contiguous kernel, of
+// kCausalConv1dCudaBwdTileTokensChannelsInner tokens for the channel-last one. A tile's sums
 // of a channel: the 4 taps of the weights padded to 4 (leading zeros), then the bias.
-constexpr int64_t kCausalConv1dCudaBwdTileBytes = 4096;
+constexpr int64_t kCausalConv1dCudaTileBytes = 4096;
 constexpr int64_t kCausalConv1dCudaBwdTileTokensChannelsInner = 512;
 constexpr int64_t kCausalConv1dCudaPartialSums = 5;
 
@@ -114,7 +115,7 @@ inline int64_t causal_conv1d_cuda_partial_rows(const CausalConv1dFwdParams& para
                                                int64_t element_size) {
   const int64_t tile = causal_conv1d_cuda_channels_inner(params)
                            ? kCausalConv1dCudaBwdTileTokensChannelsInner
-                           : kCausalConv1dCudaBwdTileBytes / element_size;
+                           : kCausalConv1dCudaTileBytes / element_size;
   return params.batch * ((params.seqlen + tile - 1) / tile);
 }
 

@@ -19,6 +19,10 @@ def in_layout(x, layout):
         return x.contiguous()
     if layout == "channel_last":
         return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "channel_last_wide":  # the first dim channels of 16-byte aligned wider rows
+        batch, dim, seqlen = x.shape
+        wide = torch.zeros(batch, seqlen, (dim + 15) // 8 * 8, dtype=x.dtype, device=x.device)
+        return wide[:, :, :dim].copy_(x.transpose(1, 2)).transpose(1, 2)
     return helpers.strided(x, dim=2)
 
 
@@ -642,13 +646,23 @@ CUDA_CASES = [
     (2, 16, 3, 3, "channel_last", True, True, False),
     (2, 33, 1000, 4, "strided", True, True, False),
     (2, 40000, 8, 4, "contiguous", False, False, False),  # more rows than gridDim.y allows
-    # The contiguous backward's tiles (2048 16-bit or 1024 fp32 tokens) and steps (256 / 128):
+    # The contiguous kernels' tiles (2048 16-bit or 1024 fp32 tokens) and steps (256 / 128):
     # a last tile of 7 (6) steps and an empty one; of 8 steps, the last partial, with and
     # without vectors; dfinal_states' positions across a tile's end.
     (2, 24, 3840, 4, "contiguous", False, True, False),
     (2, 24, 4000, 3, "contiguous", True, False, False),
     (2, 40, 4000, 4, "contiguous", True, True, True),
     (1, 8, 2050, 4, "contiguous", False, True, False),
+    # A last tile of one whole step (fp32: of 2); final_states taken
+    # from a tile's last step.
+    (2, 8, 2304, 4, "contiguous", True, True, False),
+    (2, 8, 2304, 2, "contiguous", False, False, True),
+    # The channel-last forward's runs (32 tokens), ring (8 tokens) and warps (256 16-bit or 128
+    # fp32 channels): a last run shorter than the ring; a last warp of 1 (2) lanes; vectorized
+    # rows whose last lane has 4 of its 8 channels (16-bit).
+    (2, 264, 37, 4, "channel_last", True, True, False),
+    (1, 264, 1000, 3, "channel_last", False, True, False),
+    (2, 300, 70, 4, "channel_last_wide", True, True, False),
 ]
 
 
@@ -671,7 +685,7 @@ def test_cuda_matches_cpu_and_reference(case, dtypes):
         cuda_inputs["x"] = misaligned(cuda_inputs["x"])
     # dout in out's layout, as autograd brings it.
     dout = in_layout(torch.randn(batch, dim, seqlen, dtype=dtype),
-                     "channel_last" if layout == "channel_last" else "contiguous")
+                     "channel_last" if layout.startswith("channel_last") else "contiguous")
     dfinal_states = torch.randn(batch, dim, width - 1, dtype=dtype)
 
     poison_cuda_cache()

@@ -8,9 +8,9 @@
 // of dweight and dbias to a row of dweight_partials; a second kernel adds the rows in a fixed
 // order, so the result is the same from run to run (no float atomics).
 //
-// Contiguous x: a warp sweeps a tile of a row step by step (ContiguousBwdTraits), a vector a lane,
-// the next steps' x and dout copied into shared memory (cp.async) while this one computes, so
-// that the bytes in flight do not cost registers. A vector's dx needs the dz of the
+// Contiguous x: a warp sweeps a tile of a row step by step (ContiguousTileTraits), a vector a
+// lane, the next steps' x and dout copied into shared memory (cp.async) while this one computes,
+// so that the bytes in flight do not cost registers. A vector's dx needs the dz of the
 // kHalo tokens after it, the head of the right lane's vector (for lane 31, of lane 0's next
 // one): a step computes its dz, then completes the dx of the step before. After the last step,
 // lane 31 computes the dz of the tokens after the tile from their x and dout. Channel-last x: a
@@ -60,13 +60,6 @@ __device__ __forceinline__ acc_t dz_of_token(const Taps<acc_t>& taps, const acc_
   return zero_unless(!padding, dy * activation_grad<kSilu>(taps.conv(x, on)));
 }
 
-// A step's x and dout in shared memory, chunk c of lane l's vector at [c][l], so that a warp's
-// 16-byte accesses touch every bank once.
-template <typename Traits> struct BwdStage {
-  uint4 x[Traits::kChunks][32];
-  uint4 dy[Traits::kChunks][32];
-};
-
 // What the contiguous backward keeps of one lane's vector from a step to the next: its tokens'
 // dz, the dz of the first kHalo tokens of the next lane's vector (the right halo of its dx), its
 // masks.
@@ -77,45 +70,20 @@ template <typename Traits> struct BwdStep {
   TokenMasks masks;
 };
 
-// The words of the last kTailElts elements of vec, from lane src (shuffled as 32-bit words, so
-// that 16-bit types take 2 shuffles for the 3 halo tokens).
-template <typename Traits>
-__device__ __forceinline__ void shfl_tail(const typename Traits::input_t (&vec)[Traits::kNElts],
-                                          int src, uint32_t (&words)[Traits::kTailWords]) {
-  memcpy(words, &vec[Traits::kNElts - Traits::kTailElts], sizeof(words));
-#pragma unroll
-  for (int i = 0; i < Traits::kTailWords; ++i) words[i] = __shfl_sync(kFullMask, words[i], src);
-}
-
 template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
 __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& params) {
-  using Traits = ContiguousBwdTraits<input_t>;
+  using Traits = ContiguousTileTraits<input_t>;
   using acc_t = typename Traits::acc_t;
   using Step = BwdStep<Traits>;
-  using Stage = BwdStage<Traits>;
-  constexpr int kNElts = Traits::kNElts, kTailElts = Traits::kTailElts;
-  constexpr int kTailWords = Traits::kTailWords;
-  constexpr int kNSteps = Traits::kNSteps, kChunks = Traits::kChunks;
-  constexpr int kChunkElts = 16 / int(sizeof(input_t));
-  __shared__ Stage tiles[Traits::kNWarps][kNSteps];  // the warps' tiles, step by step
+  constexpr int kNElts = Traits::kNElts;
+  __shared__ StagedTile<Traits> tiles[Traits::kNWarps][2];  // a warp's x and dout
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  Stage* const stages = tiles[warp];
-  // The warp's tile: (b * dim + d) * ntiles + tile. 32-bit division where it fits.
-  const int64_t ntiles = ceil_div(params.seqlen, Traits::kTileTokens);
-  const int64_t n_warp_tiles = params.batch * params.dim * ntiles;
-  const int64_t warp_tile = int64_t(blockIdx.x) * Traits::kNWarps + warp;
-  if (warp_tile >= n_warp_tiles) return;  // the whole warp: no block-wide sync follows
-  int64_t b, d, tile;
-  if (n_warp_tiles <= 0xffffffffll) {
-    const unsigned row = unsigned(warp_tile) / unsigned(ntiles);
-    tile = unsigned(warp_tile) % unsigned(ntiles);
-    b = row / unsigned(params.dim), d = row % unsigned(params.dim);
-  } else {
-    const int64_t row = warp_tile / ntiles;
-    tile = warp_tile % ntiles;
-    b = row / params.dim, d = row % params.dim;
-  }
-  const int64_t warp_t0 = tile * Traits::kTileTokens;
+  StagedTile<Traits>& x_tile = tiles[warp][0];
+  StagedTile<Traits>& dy_tile = tiles[warp][1];
+  const WarpTile<Traits> place(params, warp);
+  if (!place.exists) return;  // the whole warp: no block-wide sync follows
+  const int64_t ntiles = place.ntiles, b = place.b, d = place.d, tile = place.tile;
+  const int64_t warp_t0 = place.t0;
   // Tokens are numbered from the tile's start in 32-bit ints from here on: the row's tokens from
   // there, capped where the tile no longer meets dfinal_states' last kHalo positions.
   const int tile_len = int(min(params.seqlen - warp_t0, int64_t(Traits::kTileTokens + kHalo)));
@@ -139,55 +107,17 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
   input_t* dx = static_cast<input_t*>(params.dx) + b * params.dx_batch_stride +
                 d * params.dx_dim_stride + warp_t0 * dx_stride;
 
-  // Starts the copy of step s's x and dout (n_valid tokens, zeros after them: dz is 0 there)
-  // into its stage. Vectorized rows copy asynchronously, so that the bytes in flight need no
-  // registers; the elementwise variant (misaligned or strided rows) loads and stores.
-  const auto fill_stage = [&](int s, int n_valid) {
-    const int t = s * Traits::kStepTokens + lane * kNElts;
-    if constexpr (kVectorized) {
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        const int bytes = min(max(n_valid * int(sizeof(input_t)) - 16 * c, 0), 16);
-        // A chunk with nothing to copy names the tile's start: an address that is valid.
-        const int at = bytes > 0 ? t + c * kChunkElts : 0;
-        cp_async_16(&stages[s].x[c][lane], x + at, bytes);
-        cp_async_16(&stages[s].dy[c][lane], dout + at, bytes);
-      }
-    } else {
-      alignas(16) input_t xv[kNElts], dyv[kNElts];
-      load_raw<false>(x + t * x_stride, x_stride, n_valid, xv);
-      load_raw<false>(dout + t * dout_stride, dout_stride, n_valid, dyv);
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        stages[s].x[c][lane] = reinterpret_cast<const uint4*>(xv)[c];
-        stages[s].dy[c][lane] = reinterpret_cast<const uint4*>(dyv)[c];
-      }
-    }
-  };
-  // This lane's x and dout of step s, from its stage (this lane's own copies: no warp sync).
+  // This lane's x and dout of step s, from the tiles.
   const auto read_stage = [&](int s, input_t (&xv)[kNElts], input_t (&dyv)[kNElts]) {
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      reinterpret_cast<uint4*>(xv)[c] = stages[s].x[c][lane];
-      reinterpret_cast<uint4*>(dyv)[c] = stages[s].dy[c][lane];
-    }
+    x_tile.read(s, lane, xv);
+    dy_tile.read(s, lane, dyv);
   };
-  // The whole tile in flight, a commit group a step (empty past n_run), before the per-tile
-  // loads below, so that those wait alongside.
-  if (tile_len >= Traits::kTileTokens) {  // every vector full: the copies with no counting
-#pragma unroll
-    for (int s = 0; s < kNSteps; ++s) {
-      fill_stage(s, kNElts);
-      cp_async_commit();
-    }
-  } else {
-#pragma unroll
-    for (int s = 0; s < kNSteps; ++s) {
-      const int t = s * Traits::kStepTokens + lane * kNElts;
-      if (s < n_run) fill_stage(s, count_in(tile_len - t, kNElts));
-      cp_async_commit();
-    }
-  }
+  // The whole tile in flight (zeros past tile_len: dz is 0 there), before the per-tile loads
+  // below, so that those wait alongside.
+  start_tile<Traits>(tile_len, n_run, lane, [&](int s, int t, int n_valid) {
+    x_tile.template fill<kVectorized>(s, lane, x, t, x_stride, n_valid);
+    dy_tile.template fill<kVectorized>(s, lane, dout, t, dout_stride, n_valid);
+  });
 
   Taps<acc_t> taps;
   taps.load(params, d);
@@ -197,16 +127,7 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
 #pragma unroll
   for (int i = 0; i < kHalo; ++i)
     dfinal_tail[i] = dfinal_at<input_t>(params, b, d, params.seqlen - kHalo + i);
-  // Lane 0's left halo of the next step: the tail of lane 31's vector of this one, as words. At
-  // step 0 the tokens before the tile (x_at's rules: initial_states or 0 before the row).
-  uint32_t carry[kTailWords];
-  {
-    alignas(4) input_t before[kTailElts];
-#pragma unroll
-    for (int i = 0; i < kTailElts; ++i)
-      before[i] = from_acc<input_t>(x_at<input_t>(params, b, d, warp_t0 - kTailElts + i));
-    memcpy(carry, before, sizeof(carry));
-  }
+  LeftHalos<Traits> halos(params, b, d, warp_t0);
 
   const auto reads = [&](const TokenMasks& m, int e) {
     return kMasked ? bits_of(m.reads, e) : taps.width_bits;
@@ -242,49 +163,18 @@ __device__ __forceinline__ void bwd_contiguous(const CausalConv1dBwdParams& para
         for (int i = 0; i < kHalo; ++i) g[e] += t + e == tail_t0 + i ? dfinal_tail[i] : acc_t(0);
       }
     }
-    const int n_valid = count_in(tile_len - t, kNElts);
-    if (kVectorized && n_valid == kNElts) {
-      alignas(16) input_t raw[kNElts];
-#pragma unroll
-      for (int e = 0; e < kNElts; ++e) raw[e] = from_acc<input_t>(g[e]);
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c)
-        store_global_16(dx + t + c * kChunkElts, reinterpret_cast<const uint4*>(raw)[c]);
-    } else {
-      store_from_acc<false>(dx + t * dx_stride, dx_stride, n_valid, g);
-    }
+    store_tile_vector<kVectorized>(dx, dx_stride, t, count_in(tile_len - t, kNElts), g);
   };
 
   acc_t sums[kNSums] = {};  // dw[0..kMaxWidth), dbias
-  // The window of a vector xv: the left halo (the left lane's tail; lane 0's from the step
-  // before), then the vector, in acc_t.
-  const auto window = [&](const input_t (&xv)[kNElts], acc_t (&xw)[kHalo + kNElts]) {
-    uint32_t left[kTailWords];
-    shfl_tail<Traits>(xv, (lane + 31) % 32, left);
-#pragma unroll
-    for (int i = 0; i < kTailWords; ++i) {
-      const uint32_t own = lane == 0 ? carry[i] : left[i];
-      carry[i] = left[i];  // lane 0's: lane 31's tail, the halo of its next vector
-      left[i] = own;
-    }
-    alignas(4) input_t halo[kTailElts];
-    memcpy(halo, left, sizeof(halo));
-#pragma unroll
-    for (int i = 0; i < kHalo; ++i) xw[i] = to_acc(halo[kTailElts - kHalo + i]);
-#pragma unroll
-    for (int e = 0; e < kNElts; ++e) xw[kHalo + e] = to_acc(xv[e]);
-  };
   // Step s: its x and dout from its stage; prev holds the dz of step s - 1, whose dx this step
   // completes.
   const auto step = [&](int s, Step& cur, Step& prev) {
-    // Before step s, kNSteps + s groups: the tile's, then an empty one a step. Step s's group
-    // is in once no more than the kNSteps - 1 after it are pending, a constant.
-    cp_async_wait_group<kNSteps - 1>();
-    cp_async_commit();
+    wait_for_step<Traits>();
     alignas(16) input_t xv[kNElts], dyv[kNElts];
     read_stage(s, xv, dyv);
     acc_t xw[kHalo + kNElts];  // tokens [t - kHalo, t + kNElts)
-    window(xv, xw);
+    halos.window(lane, xv, xw);
     if constexpr (kMasked)
       cur.masks = token_masks<kNElts>(params, taps, b,
                                       warp_t0 + s * Traits::kStepTokens + lane * kNElts);
@@ -405,24 +295,12 @@ constexpr int bwd_contiguous_min_blocks() {
   return kVectorized && !kMasked ? 6 : (kVectorized || !kMasked ? 5 : 4);
 }
 
-// A kernel per activation and masking (not with_flags' branches in one), so that the masked
-// variant's registers do not set the others'.
+// A kernel per activation and masking (kernel_for).
 template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
-__global__ void __launch_bounds__(ContiguousBwdTraits<input_t>::kNThreads,
+__global__ void __launch_bounds__(ContiguousTileTraits<input_t>::kNThreads,
                                   bwd_contiguous_min_blocks<input_t, kVectorized, kMasked>())
     causal_conv1d_bwd_contiguous_kernel(const CausalConv1dBwdParams params) {
   bwd_contiguous<input_t, kVectorized, kSilu, kMasked>(params);
-}
-
-template <typename input_t, bool kVectorized>
-auto bwd_contiguous_kernel_for(const CausalConv1dBwdParams& params) {
-  const bool masked = params.seq_idx != nullptr;
-  if (params.silu) {
-    return masked ? causal_conv1d_bwd_contiguous_kernel<input_t, kVectorized, true, true>
-                  : causal_conv1d_bwd_contiguous_kernel<input_t, kVectorized, true, false>;
-  }
-  return masked ? causal_conv1d_bwd_contiguous_kernel<input_t, kVectorized, false, true>
-                : causal_conv1d_bwd_contiguous_kernel<input_t, kVectorized, false, false>;
 }
 
 template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
@@ -613,18 +491,18 @@ cudaError_t causal_conv1d_bwd_cuda(const CausalConv1dBwdParams& params, cudaStre
                               : causal_conv1d_bwd_channels_inner_kernel<input_t, false>,
                           params);
   } else if (params.batch > 0) {
-    using Traits = ContiguousBwdTraits<input_t>;
-    const int64_t blocks = ceil_div(
-        params.batch * params.dim * ceil_div(params.seqlen, Traits::kTileTokens), Traits::kNWarps);
-    const auto kernel = bwd_vectorizable<input_t, Traits::kNElts>(params, false)
-                            ? bwd_contiguous_kernel_for<input_t, true>(params)
-                            : bwd_contiguous_kernel_for<input_t, false>(params);
+    using Traits = ContiguousTileTraits<input_t>;
+    const auto kernel = kernel_for(
+        bwd_vectorizable<input_t, Traits::kNElts>(params, false), params,
+        [](auto vectorized, auto silu, auto masked) {
+          return causal_conv1d_bwd_contiguous_kernel<input_t, decltype(vectorized)::value,
+                                                     decltype(silu)::value,
+                                                     decltype(masked)::value>;
+        });
     // A block's tiles take 32 KB of shared memory: the largest carve-out, so that shared
     // memory does not hold an SM below the blocks its registers allow.
-    error = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                 cudaSharedmemCarveoutMaxShared);
-    if (error != cudaSuccess) return error;
-    error = launch_blocks(blocks, Traits::kNThreads, stream, kernel, params);
+    error = launch_blocks_max_shared(Traits::grid_blocks(params), Traits::kNThreads, stream,
+                                     kernel, params);
   }
   if (error != cudaSuccess) return error;
   // Also with no batch rows: dweight and dbias are then zeros.

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "causal_conv1d/causal_conv1d.h"
+#include "common/cuda_async_copy.cuh"
 #include "common/cuda_math.cuh"
 #include "common/math.h"
 
@@ -316,66 +317,73 @@ inline cudaError_t launch_blocks(int64_t blocks, int threads, cudaStream_t strea
   return cudaGetLastError();
 }
 
+// launch_blocks for a kernel whose static shared memory would hold a multiprocessor below the
+// blocks its registers allow under the default carve-out: it asks for the largest one first.
+template <typename... KernelArgs, typename... Args>
+inline cudaError_t launch_blocks_max_shared(int64_t blocks, int threads, cudaStream_t stream,
+                                            void (*kernel)(KernelArgs...), const Args&... args) {
+  const cudaError_t error = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  if (error != cudaSuccess) return error;
+  return launch_blocks(blocks, threads, stream, kernel, args...);
+}
+
+// The kernel of a combination of the flags, for kernels compiled once per combination (so that
+// the masked variant's registers do not set the others'): kernel_of(vectorized, silu, masked),
+// each an std::integral_constant<bool>; masked: seq_idx is given.
+template <typename KernelOf>
+inline auto kernel_for(bool vectorized, const CausalConv1dFwdParams& params, KernelOf kernel_of) {
+  const auto with_masked = [&](auto v, auto silu) {
+    return params.seq_idx != nullptr ? kernel_of(v, silu, std::true_type{})
+                                     : kernel_of(v, silu, std::false_type{});
+  };
+  const auto with_silu = [&](auto v) {
+    return params.silu ? with_masked(v, std::true_type{}) : with_masked(v, std::false_type{});
+  };
+  return vectorized ? with_silu(std::true_type{}) : with_silu(std::false_type{});
+}
+
 // How many of the n elements left fit in a vector of `cap`: n clamped to [0, cap].
 __device__ __forceinline__ int count_in(int64_t n, int cap) {
   return n <= 0 ? 0 : (n >= cap ? cap : static_cast<int>(n));
 }
 
-// Contiguous x (threads along tokens). A block owns a tile of tokens of one (batch, channel) row;
-// each thread holds kNVecs vectors of kNElts tokens, kBytesPerThread bytes of x in all, a warp's
-// vectors back to back: vector u of lane l of warp w starts at token
-//   tile * kTileTokens + w * kWarpTokens + (u * 32 + l) * kNElts.
-template <typename input_t_, int kBytesPerThread> struct ContiguousTraits {
-  using input_t = input_t_;
-  using acc_t = acc_type<input_t>;
-  static constexpr int kNThreads = 128;
-  static constexpr int kNWarps = kNThreads / 32;
-  // Tokens of a vector: 16 bytes (8 halves, 4 floats), and more than kHalo, so that a vector's
-  // left halo lies in one neighbour: 4 doubles, in two 16-byte loads.
-  static constexpr int kNElts =
-      16 / int(sizeof(input_t)) > kHalo ? 16 / int(sizeof(input_t)) : kHalo + 1;
-  static constexpr int kNVecs = kBytesPerThread / (kNElts * int(sizeof(input_t)));
-  static constexpr int kTileTokens = kNThreads * kNVecs * kNElts;
-  static constexpr int kWarpTokens = kNVecs * 32 * kNElts;
-  static_assert(kNElts > kHalo, "a vector's left halo must lie in one neighbour");
-  static_assert(kNVecs >= 1 && kNVecs * kNElts * int(sizeof(input_t)) == kBytesPerThread,
-                "a thread's bytes must be whole vectors");
-};
-
-// Bytes of x in flight per thread: 64 for the forward (at 32, bf16 reached 79% of a copy's
-// bandwidth on an H100, fp32 at 64 99%).
-template <typename input_t> using ContiguousFwdTraits = ContiguousTraits<input_t, 64>;
-
-// Contiguous backward (threads along tokens): a warp sweeps a tile of
-// kCausalConv1dCudaBwdTileBytes of x of one (batch, channel) row in steps of 32 vectors, one a
-// lane: lane l's vector of step s starts at token tile * kTileTokens + (s * 32 + l) * kNElts.
-// The tile's x and dout are copied into shared memory (cp.async) as it starts, a commit group a
-// step, and a step waits for its own group only: up to the whole tile is in flight, with no
-// registers held for it. The per-tile costs (taps, halos, the sums of dweight) are paid once per
+// Contiguous x (threads along tokens): a warp sweeps a tile of kCausalConv1dCudaTileBytes of x of
+// one (batch, channel) row in steps of 32 vectors, one a lane: lane l's vector of step s starts
+// at token tile * kTileTokens + (s * 32 + l) * kNElts. The tile's rows (x, and dout for the
+// backward) are copied into shared memory (cp.async) as it starts, a commit group a step, and a
+// step waits for its own group only: up to the whole tile is in flight, with no registers held
+// for it (StagedTile). The per-tile costs (taps, halos, the sums of dweight) are paid once per
 // tile rather than once per vector.
-template <typename input_t_> struct ContiguousBwdTraits {
+template <typename input_t_> struct ContiguousTileTraits {
   using input_t = input_t_;
   using acc_t = acc_type<input_t>;
   static constexpr int kNThreads = 128;
   static constexpr int kNWarps = kNThreads / 32;  // a warp a tile: the block needs no sync
-  static constexpr int kNElts = ContiguousFwdTraits<input_t>::kNElts;
+  // Tokens of a vector: 16 bytes (8 halves, 4 floats), and more than kHalo, so that a vector's
+  // left halo lies in one neighbour: 4 doubles, two 16-byte chunks.
+  static constexpr int kNElts =
+      16 / int(sizeof(input_t)) > kHalo ? 16 / int(sizeof(input_t)) : kHalo + 1;
   static constexpr int kStepTokens = 32 * kNElts;
-  static constexpr int kTileTokens = int(kCausalConv1dCudaBwdTileBytes) / int(sizeof(input_t));
+  static constexpr int kTileTokens = int(kCausalConv1dCudaTileBytes) / int(sizeof(input_t));
   static constexpr int kNSteps = kTileTokens / kStepTokens;  // 8 (4 for double)
-  // A lane's vector is kChunks 16-byte chunks.
-  static constexpr int kChunks = kNElts * int(sizeof(input_t)) / 16;
-  static_assert(kChunks * 16 == kNElts * int(sizeof(input_t)), "a vector must be whole chunks");
   // A vector's last kHalo tokens, the left halo of the vector after it, pass between lanes as
   // whole 32-bit words: the last kTailElts elements (4 of a 16-bit type, 3 of wider ones).
   static constexpr int kTailWords = (kHalo * int(sizeof(input_t)) + 3) / 4;
   static constexpr int kTailElts = kTailWords * 4 / int(sizeof(input_t));
+  static_assert(kNElts > kHalo, "a vector's left halo must lie in one neighbour");
   static_assert(kNSteps * kStepTokens == kTileTokens, "a tile must be whole steps");
   static_assert(kTailElts >= kHalo && kTailElts <= kNElts, "a tail must lie in one vector");
+
+  // The blocks of the grid: a warp a tile (WarpTile).
+  static int64_t grid_blocks(const CausalConv1dFwdParams& params) {
+    return ceil_div(params.batch * params.dim * ceil_div(params.seqlen, kTileTokens), kNWarps);
+  }
 };
 
-// Channel-last x (threads along channels). A thread owns kNElts channels of one batch row and
-// slides a window of kMaxWidth tokens over a run of tokens, loading kStepTokens at a time, so
-// that a run of T tokens costs T + kHalo loads.
+// Channel-last backward (threads along channels). A thread owns kNElts channels of one batch row
+// and slides a window of kMaxWidth tokens over a run of tokens, loading kBwdStepTokens at a time,
+// so that a run of T tokens costs T + kHalo loads.
 template <typename input_t_> struct ChannelsInnerTraits {
   using input_t = input_t_;
   using acc_t = acc_type<input_t>;
@@ -385,39 +393,41 @@ template <typename input_t_> struct ChannelsInnerTraits {
   // warp), 2 doubles. More would cost registers (taps and window grow with them) that are worth
   // more as tokens in flight.
   static constexpr int kNElts = 16 / int(sizeof(input_t)) < 4 ? 16 / int(sizeof(input_t)) : 4;
-  // Forward: a block of threads side by side along channels, each over a run of tokens, loading
-  // a step of 64 bytes (8 tokens of 16-bit channels, 4 of wider ones) while computing the last.
-  static constexpr int kStepTokens = 64 / (kNElts * int(sizeof(input_t)));
-  static constexpr int kRunTokens = 32;
-  static constexpr int kBlockChannels = kNThreads * kNElts;
-  // Backward: the window holds dz too, so fewer tokens a step; a warp along channels, the
-  // block's warps along tokens, so that the block's sums of dweight cover a whole tile.
+  // The window holds dz too, so few tokens a step; a warp along channels, the block's warps
+  // along tokens, so that the block's sums of dweight cover a whole tile.
   static constexpr int kBwdStepTokens = 4;
   static constexpr int kBwdTileTokens = int(kCausalConv1dCudaBwdTileTokensChannelsInner);
   static constexpr int kBwdRunTokens = kBwdTileTokens / kNWarps;
   static constexpr int kBwdBlockChannels = 32 * kNElts;
   static_assert(16 % sizeof(input_t) == 0, "16 bytes must be whole elements");
-  static_assert(kRunTokens % kStepTokens == 0, "a run must be whole steps");
   static_assert(kBwdRunTokens * kNWarps == kBwdTileTokens, "a tile must be whole runs");
 };
 
-// Calls f(u, t, n_valid) for each of a thread's kNVecs vectors of N tokens of one row: vector u
-// at token t = t0 + u * 32 * N, of which n_valid lie before seqlen. When all of the thread's
-// tokens lie in the row, n_valid is the constant N: the vectors' loads or stores then go with no
-// branch between them, all in flight at once.
-template <int kNVecs, int N, typename F>
-__device__ __forceinline__ void for_each_vector(int64_t t0, int64_t seqlen, F f) {
-  if (t0 + ((kNVecs - 1) * 32 + 1) * N <= seqlen) {
-#pragma unroll
-    for (int u = 0; u < kNVecs; ++u) f(u, t0 + u * 32 * N, N);
-    return;
+// Channel-last forward: a warp sweeps a run of kRunTokens tokens of kWarpChannels channels of one
+// batch row, a lane a 16-byte vector of channels of a token at a time, the window of the kHalo
+// tokens before it in registers. The run's tokens pass through a ring of kStages tokens in
+// shared memory (StagedVectors, cp.async, a commit group a token): the next kStages - 1 tokens
+// are in flight while one is computed, with no registers held for them.
+template <typename input_t_> struct ChannelsInnerFwdTraits {
+  using input_t = input_t_;
+  using acc_t = acc_type<input_t>;
+  static constexpr int kNThreads = 128;
+  static constexpr int kNWarps = kNThreads / 32;  // a warp a run: the block needs no sync
+  static constexpr int kNElts = 16 / int(sizeof(input_t));  // channels of a lane
+  static constexpr int kWarpChannels = 32 * kNElts;         // 512 bytes of a token
+  // Runs long enough that the kHalo tokens loaded twice cost little; short enough that a grid
+  // of b8 l4096 d4096 is several waves of blocks.
+  static constexpr int kRunTokens = 32;
+  static constexpr int kStages = 8;  // 4 KB a warp; 3.5 KB in flight
+  static_assert(16 % sizeof(input_t) == 0, "16 bytes must be whole elements");
+
+  // The blocks of the grid: a warp a run of kWarpChannels channels.
+  static int64_t grid_blocks(const CausalConv1dFwdParams& params) {
+    return ceil_div(params.batch * ceil_div(params.seqlen, kRunTokens) *
+                        ceil_div(params.dim, kWarpChannels),
+                    kNWarps);
   }
-#pragma unroll
-  for (int u = 0; u < kNVecs; ++u) {
-    const int64_t t = t0 + u * 32 * N;
-    f(u, t, count_in(seqlen - t, N));
-  }
-}
+};
 
 // Calls f(j, n) for the kStep tokens of a step of a channel-last kernel, n the channels of token
 // j to load or store: n_channels for the first n_tokens tokens, 0 after them. When all kStep
@@ -434,103 +444,180 @@ __device__ __forceinline__ void for_each_token(int n_tokens, int n_channels, F f
   for (int j = 0; j < kStep; ++j) f(j, j < n_tokens ? n_channels : 0);
 }
 
-// A thread's vectors of one row (token t at row[t * stride]) as they are in memory, zeros past
-// seqlen: converted where they are used, so that they take half the registers for 16-bit types.
-template <bool kVectorized, int kNVecs, int N, typename T>
-__device__ __forceinline__ void load_vectors(const T* row, int64_t stride, int64_t t0,
-                                             int64_t seqlen, T (&v)[kNVecs][N]) {
-  for_each_vector<kNVecs, N>(t0, seqlen, [&](int u, int64_t t, int n_valid) {
-    load_raw<kVectorized>(row + t * stride, stride, n_valid, v[u]);
-  });
-}
+// The task of a warp of a grid of kNWarps-warp blocks whose warps take the tasks of an
+// (n0, n1, n2) box in order, n2 fastest. 32-bit division where it fits.
+struct WarpTask {
+  int64_t i0, i1, i2;
+  bool exists;  // false for the warps past the last task (the whole warp)
 
-template <bool kVectorized, int kNVecs, int N, typename T, typename acc_t>
-__device__ __forceinline__ void store_vectors(T* row, int64_t stride, int64_t t0, int64_t seqlen,
-                                              const acc_t (&v)[kNVecs][N]) {
-  for_each_vector<kNVecs, N>(t0, seqlen, [&](int u, int64_t t, int n_valid) {
-    store_from_acc<kVectorized>(row + t * stride, stride, n_valid, v[u]);
-  });
-}
-
-// The place of a thread of a contiguous kernel: its (batch, channel) row, its block's tile and
-// the first token of its warp and of its own first vector (ContiguousTraits). 32-bit division:
-// the grid has fewer than 2^31 blocks, so the row and tile counts fit.
-template <typename Traits> struct ContiguousThread {
-  int64_t b, d, tile, ntiles, warp_t0, t0;
-  int warp, lane;
-
-  __device__ __forceinline__ explicit ContiguousThread(const CausalConv1dFwdParams& params) {
-    ntiles = ceil_div(params.seqlen, Traits::kTileTokens);
-    const unsigned row = blockIdx.x / unsigned(ntiles);  // b * dim + d
-    tile = blockIdx.x % unsigned(ntiles);
-    b = row / unsigned(params.dim), d = row % unsigned(params.dim);
-    warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    warp_t0 = tile * Traits::kTileTokens + warp * Traits::kWarpTokens;
-    t0 = warp_t0 + lane * Traits::kNElts;
-  }
-
-  // The first token of vector u.
-  __device__ __forceinline__ int64_t vector_t0(int u) const {
-    return t0 + u * 32 * Traits::kNElts;
+  template <int kNWarps>
+  __device__ __forceinline__ static WarpTask of(int warp, int64_t n0, int64_t n1, int64_t n2) {
+    const int64_t n = n0 * n1 * n2;
+    const int64_t task = int64_t(blockIdx.x) * kNWarps + warp;
+    WarpTask w;
+    w.exists = task < n;
+    if (n <= 0xffffffffll) {
+      const unsigned outer = unsigned(task) / unsigned(n2);
+      w.i2 = unsigned(task) % unsigned(n2);
+      w.i0 = outer / unsigned(n1), w.i1 = outer % unsigned(n1);
+    } else {
+      const int64_t outer = task / n2;
+      w.i2 = task % n2;
+      w.i0 = outer / n1, w.i1 = outer % n1;
+    }
+    return w;
   }
 };
 
-// The windows of x' of a thread's vectors (ContiguousTraits), x_at's rules at the edges: each
-// vector as loaded, and the kHalo tokens before it in acc_t.
-template <typename Traits> struct XWindows {
+// The tile of a warp of a contiguous kernel (ContiguousTileTraits): the grid's warps in the order
+// (b * dim + d) * ntiles + tile.
+template <typename Traits> struct WarpTile {
+  int64_t ntiles, b, d, tile;
+  int64_t t0;   // the tile's first token
+  bool exists;  // false for the warps past the last tile (the whole warp)
+
+  __device__ __forceinline__ WarpTile(const CausalConv1dFwdParams& params, int warp) {
+    ntiles = ceil_div(params.seqlen, Traits::kTileTokens);
+    const WarpTask task =
+        WarpTask::of<Traits::kNWarps>(warp, params.batch, params.dim, ntiles);
+    exists = task.exists;
+    b = task.i0, d = task.i1, tile = task.i2;
+    t0 = tile * Traits::kTileTokens;
+  }
+};
+
+// A warp's vectors of one tensor in shared memory, kSlots of them a lane (the steps of a
+// contiguous tile, the tokens of a channel-last ring), each kNElts elements of 16-byte chunks:
+// chunk c of lane l's vector of slot s at [s][c][l], so that a warp's 16-byte accesses touch
+// every bank once. A lane reads only the vectors it copied itself: no warp sync.
+template <typename input_t, int kNElts, int kSlots> struct StagedVectors {
+  static constexpr int kChunkElts = 16 / int(sizeof(input_t));
+  static constexpr int kChunks = kNElts / kChunkElts;
+  static_assert(kChunks * 16 == kNElts * int(sizeof(input_t)), "a vector must be whole chunks");
+  uint4 chunks[kSlots][kChunks][32];
+
+  // Starts the copy of lane's vector into slot s: the n_valid (<= kNElts) elements at
+  // base[(at + i) * stride], zeros after them; base is a valid address. Vectorized rows (stride
+  // 1, 16-byte aligned vectors) copy asynchronously, so that the bytes in flight need no
+  // registers; the elementwise variant (misaligned or strided rows) loads and stores.
+  template <bool kVectorized>
+  __device__ __forceinline__ void fill(int s, int lane, const input_t* base, int at,
+                                       int64_t stride, int n_valid) {
+    if constexpr (kVectorized) {
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        const int bytes = min(max(n_valid * int(sizeof(input_t)) - 16 * c, 0), 16);
+        // A chunk with nothing to copy names base.
+        cp_async_16(&chunks[s][c][lane], base + (bytes > 0 ? at + c * kChunkElts : 0), bytes);
+      }
+    } else {
+      alignas(16) input_t v[kNElts];
+      load_raw<false>(base + at * stride, stride, n_valid, v);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) chunks[s][c][lane] = reinterpret_cast<const uint4*>(v)[c];
+    }
+  }
+
+  __device__ __forceinline__ void read(int s, int lane, input_t (&v)[kNElts]) const {
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) reinterpret_cast<uint4*>(v)[c] = chunks[s][c][lane];
+  }
+};
+
+// One row's share of a warp's contiguous tile (ContiguousTileTraits), step by step.
+template <typename Traits>
+using StagedTile = StagedVectors<typename Traits::input_t, Traits::kNElts, Traits::kNSteps>;
+
+// Stores lane's vector of values v at token t of a tile (token i at tile[i * stride]), the first
+// n_valid: a vectorized row's full vector in 16-byte stores (one STG.128 a chunk).
+template <bool kVectorized, typename T, typename acc_t, int N>
+__device__ __forceinline__ void store_tile_vector(T* tile, int64_t stride, int t, int n_valid,
+                                                  const acc_t (&v)[N]) {
+  if (kVectorized && n_valid == N) {
+    constexpr int kChunks = N * int(sizeof(T)) / 16;
+    static_assert(kChunks * 16 == N * int(sizeof(T)), "a vector must be whole chunks");
+    alignas(16) T raw[N];
+#pragma unroll
+    for (int e = 0; e < N; ++e) raw[e] = from_acc<T>(v[e]);
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c)
+      store_global_16(tile + t + c * (16 / int(sizeof(T))), reinterpret_cast<const uint4*>(raw)[c]);
+  } else {
+    store_from_acc<false>(tile + t * stride, stride, n_valid, v);
+  }
+}
+
+// Starts the copies of a warp's tile of tile_len tokens: fill(s, t, n_valid) starts lane's
+// vector of step s (tile token t, n_valid tokens), for the first n_run steps, a commit group a
+// step (empty ones past n_run), so that wait_for_step's count is a constant.
+template <typename Traits, typename Fill>
+__device__ __forceinline__ void start_tile(int tile_len, int n_run, int lane, Fill fill) {
+  const auto vector_t0 = [&](int s) { return s * Traits::kStepTokens + lane * Traits::kNElts; };
+  if (tile_len >= Traits::kTileTokens) {  // every vector full: the copies with no counting
+#pragma unroll
+    for (int s = 0; s < Traits::kNSteps; ++s) {
+      fill(s, vector_t0(s), Traits::kNElts);
+      cp_async_commit();
+    }
+    return;
+  }
+#pragma unroll
+  for (int s = 0; s < Traits::kNSteps; ++s) {
+    if (s < n_run) fill(s, vector_t0(s), count_in(tile_len - vector_t0(s), Traits::kNElts));
+    cp_async_commit();
+  }
+}
+
+// Waits for the copies of the next step of the tile, steps taken in order from 0. Before step s,
+// kNSteps + s groups are committed: the tile's, then an empty one a step. Step s's group is in
+// once no more than the kNSteps - 1 after it are pending.
+template <typename Traits> __device__ __forceinline__ void wait_for_step() {
+  cp_async_wait_group<Traits::kNSteps - 1>();
+  cp_async_commit();
+}
+
+// The windows of a warp's vectors as it sweeps its tile. A vector's left halo is the tail of the
+// left lane's vector; lane 0's the tail of lane 31's vector of the step before, carried as words
+// (at step 0 the tokens before the tile: x_at's rules, initial_states or 0 before the row).
+template <typename Traits> struct LeftHalos {
   using input_t = typename Traits::input_t;
   using acc_t = typename Traits::acc_t;
-  static constexpr int kNElts = Traits::kNElts, kNVecs = Traits::kNVecs;
+  static constexpr int kNElts = Traits::kNElts;
+  static constexpr int kTailElts = Traits::kTailElts, kTailWords = Traits::kTailWords;
+  uint32_t carry[kTailWords];  // lane 0's left halo of the next step
 
-  alignas(16) input_t vecs[kNVecs][kNElts];  // vector u: tokens [vector_t0(u), + kNElts)
-  acc_t halos[kNVecs][kHalo];                // the tokens [vector_t0(u) - kHalo, vector_t0(u))
-
-  // x' at token vector_t0(u) - kHalo + i.
-  __device__ __forceinline__ acc_t at(int u, int i) const {
-    return i < kHalo ? halos[u][i] : to_acc(vecs[u][i - kHalo]);
+  __device__ __forceinline__ LeftHalos(const CausalConv1dFwdParams& params, int64_t b, int64_t d,
+                                       int64_t tile_t0) {
+    alignas(4) input_t before[kTailElts];
+#pragma unroll
+    for (int i = 0; i < kTailElts; ++i)
+      before[i] = from_acc<input_t>(x_at<input_t>(params, b, d, tile_t0 - kTailElts + i));
+    memcpy(carry, before, sizeof(carry));
   }
 
-  // The window of tokens [vector_t0(u) + e - kHalo, vector_t0(u) + e], token e's taps.
-  __device__ __forceinline__ void taps_of(int u, int e, acc_t (&x)[kMaxWidth]) const {
+  // The window of lane's vector xv of the next step: tokens [t - kHalo, t + kNElts) in acc_t.
+  // The whole warp calls it (shuffles).
+  __device__ __forceinline__ void window(int lane, const input_t (&xv)[kNElts],
+                                         acc_t (&xw)[kHalo + kNElts]) {
+    // The words of the last kTailElts elements, from the left lane (shuffled as 32-bit words, so
+    // that 16-bit types take 2 shuffles for the 3 halo tokens).
+    uint32_t left[kTailWords];
+    memcpy(left, &xv[kNElts - kTailElts], sizeof(left));
 #pragma unroll
-    for (int k = 0; k < kMaxWidth; ++k) x[k] = at(u, e + k);
-  }
-
-  template <bool kVectorized>
-  __device__ __forceinline__ void load(const CausalConv1dFwdParams& params,
-                                       const ContiguousThread<Traits>& thread) {
-    // Lane 0's halo, the tokens before the warp's, from global memory (an L1/L2 hit: the warp
-    // before loads them), issued first so that it is in flight with the vectors.
-    const input_t* x = static_cast<const input_t*>(params.x) + thread.b * params.x_batch_stride +
-                       thread.d * params.x_dim_stride;
-    acc_t warp_halo[kHalo] = {};
-    if (thread.lane == 0) {
-      if (thread.warp_t0 >= kHalo && thread.warp_t0 <= params.seqlen) {  // inside the row
+    for (int i = 0; i < kTailWords; ++i)
+      left[i] = __shfl_sync(kFullMask, left[i], (lane + 31) % 32);
 #pragma unroll
-        for (int i = 0; i < kHalo; ++i)
-          warp_halo[i] = to_acc(x[(thread.warp_t0 - kHalo + i) * params.x_seqlen_stride]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kHalo; ++i)
-          warp_halo[i] = x_at<input_t>(params, thread.b, thread.d, thread.warp_t0 - kHalo + i);
-      }
+    for (int i = 0; i < kTailWords; ++i) {
+      const uint32_t own = lane == 0 ? carry[i] : left[i];
+      carry[i] = left[i];  // lane 0's: lane 31's tail, the halo of its next vector
+      left[i] = own;
     }
-    load_vectors<kVectorized>(x, params.x_seqlen_stride, thread.t0, params.seqlen, vecs);
-    // The other halos are the tail of the vector before: the left lane's, for lane 0 its own
-    // previous vector.
+    alignas(4) input_t halo[kTailElts];
+    memcpy(halo, left, sizeof(halo));
 #pragma unroll
-    for (int u = 0; u < kNVecs; ++u) {
+    for (int i = 0; i < kHalo; ++i) xw[i] = to_acc(halo[kTailElts - kHalo + i]);
 #pragma unroll
-      for (int i = 0; i < kHalo; ++i) {
-        const acc_t from_left =
-            __shfl_up_sync(kFullMask, to_acc(vecs[u][kNElts - kHalo + i]), 1);
-        const acc_t from_previous =
-            u > 0 ? __shfl_sync(kFullMask, to_acc(vecs[u > 0 ? u - 1 : 0][kNElts - kHalo + i]),
-                                31)
-                  : warp_halo[i];
-        halos[u][i] = thread.lane > 0 ? from_left : from_previous;
-      }
-    }
+    for (int e = 0; e < kNElts; ++e) xw[kHalo + e] = to_acc(xv[e]);
   }
 };
 

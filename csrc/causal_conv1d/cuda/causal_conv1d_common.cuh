@@ -381,9 +381,10 @@ template <typename input_t_> struct ContiguousTileTraits {
   }
 };
 
-// Channel-last backward (threads along channels). A thread owns kNElts channels of one batch row
-// and slides a window of kMaxWidth tokens over a run of tokens, loading kBwdStepTokens at a time,
-// so that a run of T tokens costs T + kHalo loads.
+// Channel-last x (threads along channels). A thread owns kNElts channels of one batch row and
+// slides a window of kMaxWidth tokens over a run of tokens, loading kStepTokens at a time, so
+// that a run of T tokens costs T + kHalo loads. (2e5f1ef's forward, a warp's ring of tokens in
+// shared memory, gave wrong channel-last results on an H100: the forward is this one again.)
 template <typename input_t_> struct ChannelsInnerTraits {
   using input_t = input_t_;
   using acc_t = acc_type<input_t>;
@@ -393,40 +394,20 @@ template <typename input_t_> struct ChannelsInnerTraits {
   // warp), 2 doubles. More would cost registers (taps and window grow with them) that are worth
   // more as tokens in flight.
   static constexpr int kNElts = 16 / int(sizeof(input_t)) < 4 ? 16 / int(sizeof(input_t)) : 4;
-  // The window holds dz too, so few tokens a step; a warp along channels, the block's warps
-  // along tokens, so that the block's sums of dweight cover a whole tile.
+  // Forward: a block of threads side by side along channels, each over a run of tokens, loading
+  // a step of 64 bytes (8 tokens of 16-bit channels, 4 of wider ones) while computing the last.
+  static constexpr int kStepTokens = 64 / (kNElts * int(sizeof(input_t)));
+  static constexpr int kRunTokens = 32;
+  static constexpr int kBlockChannels = kNThreads * kNElts;
+  // Backward: the window holds dz too, so fewer tokens a step; a warp along channels, the
+  // block's warps along tokens, so that the block's sums of dweight cover a whole tile.
   static constexpr int kBwdStepTokens = 4;
   static constexpr int kBwdTileTokens = int(kCausalConv1dCudaBwdTileTokensChannelsInner);
   static constexpr int kBwdRunTokens = kBwdTileTokens / kNWarps;
   static constexpr int kBwdBlockChannels = 32 * kNElts;
   static_assert(16 % sizeof(input_t) == 0, "16 bytes must be whole elements");
+  static_assert(kRunTokens % kStepTokens == 0, "a run must be whole steps");
   static_assert(kBwdRunTokens * kNWarps == kBwdTileTokens, "a tile must be whole runs");
-};
-
-// Channel-last forward: a warp sweeps a run of kRunTokens tokens of kWarpChannels channels of one
-// batch row, a lane a 16-byte vector of channels of a token at a time, the window of the kHalo
-// tokens before it in registers. The run's tokens pass through a ring of kStages tokens in
-// shared memory (StagedVectors, cp.async, a commit group a token): the next kStages - 1 tokens
-// are in flight while one is computed, with no registers held for them.
-template <typename input_t_> struct ChannelsInnerFwdTraits {
-  using input_t = input_t_;
-  using acc_t = acc_type<input_t>;
-  static constexpr int kNThreads = 128;
-  static constexpr int kNWarps = kNThreads / 32;  // a warp a run: the block needs no sync
-  static constexpr int kNElts = 16 / int(sizeof(input_t));  // channels of a lane
-  static constexpr int kWarpChannels = 32 * kNElts;         // 512 bytes of a token
-  // Runs long enough that the kHalo tokens loaded twice cost little; short enough that a grid
-  // of b8 l4096 d4096 is several waves of blocks.
-  static constexpr int kRunTokens = 32;
-  static constexpr int kStages = 8;  // 4 KB a warp; 3.5 KB in flight
-  static_assert(16 % sizeof(input_t) == 0, "16 bytes must be whole elements");
-
-  // The blocks of the grid: a warp a run of kWarpChannels channels.
-  static int64_t grid_blocks(const CausalConv1dFwdParams& params) {
-    return ceil_div(params.batch * ceil_div(params.seqlen, kRunTokens) *
-                        ceil_div(params.dim, kWarpChannels),
-                    kNWarps);
-  }
 };
 
 // Calls f(j, n) for the kStep tokens of a step of a channel-last kernel, n the channels of token
@@ -487,7 +468,7 @@ template <typename Traits> struct WarpTile {
 };
 
 // A warp's vectors of one tensor in shared memory, kSlots of them a lane (the steps of a
-// contiguous tile, the tokens of a channel-last ring), each kNElts elements of 16-byte chunks:
+// contiguous tile), each kNElts elements of 16-byte chunks:
 // chunk c of lane l's vector of slot s at [s][c][l], so that a warp's 16-byte accesses touch
 // every bank once. A lane reads only the vectors it copied itself: no warp sync.
 template <typename input_t, int kNElts, int kSlots> struct StagedVectors {

@@ -2,12 +2,12 @@
 // the launch. The traits and the loaders they share with the backward are in
 // causal_conv1d_common.cuh. Contiguous x: a warp sweeps a tile of a row step by step
 // (ContiguousTileTraits), a vector a lane, the whole tile copied into shared memory (cp.async) as
-// it starts, as the backward does. Channel-last x: a lane slides a window over a run of tokens
-// of its 16 bytes of channels, the tokens coming through a ring in shared memory (cp.async,
-// ChannelsInnerFwdTraits). Each kernel has a vectorized variant (aligned unit-stride rows:
-// 16-byte loads and stores) and an elementwise one for any strides and alignment. Which taps are
-// on comes as bit masks: the width's alone (the same for every token, so the compiler hoists
-// them) or, with seq_idx, per token.
+// it starts, as the backward does. Channel-last x: a thread slides a window over a run of tokens
+// of its channels, prefetching the next step of tokens in registers (ChannelsInnerTraits). Each
+// kernel has a vectorized variant (aligned unit-stride rows: wide loads and stores) and an
+// elementwise one for any strides and alignment. Which taps are on comes as bit masks: the
+// width's alone (the same for every token, so the compiler hoists them) or, with seq_idx, per
+// token.
 #pragma once
 
 #include "causal_conv1d/cuda/causal_conv1d_common.cuh"
@@ -96,123 +96,89 @@ __global__ void __launch_bounds__(ContiguousTileTraits<input_t>::kNThreads,
 
 template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
 __device__ __forceinline__ void fwd_channels_inner(const CausalConv1dFwdParams& params) {
-  using Traits = ChannelsInnerFwdTraits<input_t>;
+  using Traits = ChannelsInnerTraits<input_t>;
   using acc_t = typename Traits::acc_t;
-  using Ring = StagedVectors<input_t, Traits::kNElts, Traits::kStages>;
-  constexpr int kNElts = Traits::kNElts, kStages = Traits::kStages;
-  __shared__ Ring x_rings[Traits::kNWarps];
-  // With seq_idx, that of the ring's tokens, a copy a lane (so that a lane reads its own).
-  __shared__ int seq_rings[Traits::kNWarps][kMasked ? kStages : 1][32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t nruns = ceil_div(params.seqlen, Traits::kRunTokens);
-  const WarpTask task = WarpTask::of<Traits::kNWarps>(
-      warp, params.batch, nruns, ceil_div(params.dim, Traits::kWarpChannels));
-  const int64_t b = task.i0, run = task.i1;
-  const int64_t c0 = task.i2 * Traits::kWarpChannels + lane * kNElts;
-  if (!task.exists || c0 >= params.dim) return;  // a lane on its own: no warp-wide operations
+  constexpr int kNElts = Traits::kNElts, kStep = Traits::kStepTokens;
+  // 32-bit division: the grid has fewer than 2^31 blocks.
+  const unsigned channel_blocks = ceil_div(params.dim, Traits::kBlockChannels);
+  const unsigned nruns = ceil_div(params.seqlen, Traits::kRunTokens);
+  const int64_t c0 =
+      int64_t(blockIdx.x % channel_blocks) * Traits::kBlockChannels + threadIdx.x * kNElts;
+  const int64_t run = blockIdx.x / channel_blocks % nruns;
+  const int64_t b = blockIdx.x / channel_blocks / nruns;
+  if (c0 >= params.dim) return;
   const int nch = count_in(params.dim - c0, kNElts);
-  const int64_t run_t0 = run * Traits::kRunTokens;
-  const int n_tokens = int(min(params.seqlen - run_t0, int64_t(Traits::kRunTokens)));
-  // A vectorized row has stride 1 over channels: said outright (see the contiguous backward).
-  const int64_t x_dim_stride = kVectorized ? 1 : params.x_dim_stride;
-  const int64_t out_dim_stride = kVectorized ? 1 : params.out_dim_stride;
-  // Token j of the run at x[j * x_seqlen_stride]: a valid address for j < n_tokens.
-  const input_t* x = static_cast<const input_t*>(params.x) + b * params.x_batch_stride +
-                     run_t0 * params.x_seqlen_stride + c0 * x_dim_stride;
-  input_t* out = static_cast<input_t*>(params.out) + b * params.out_batch_stride +
-                 run_t0 * params.out_seqlen_stride + c0 * out_dim_stride;
-  const int* seq = params.seq_idx + (kMasked ? b * params.seq_idx_batch_stride +
-                                                   run_t0 * params.seq_idx_seqlen_stride
-                                             : 0);
-  Ring& ring = x_rings[warp];
-  // Starts the copy of token j of the run (none past the run) into its slot, the tokens taken in
-  // order; a commit group a token, so that the count to wait for is a constant.
-  const input_t* x_next = x;  // token j's
-  const int* seq_next = seq;
-  const auto fill = [&](int j) {
-    if (j < n_tokens) {
-      const int slot = unsigned(j) % kStages;
-      ring.template fill<kVectorized>(slot, lane, x_next, 0, x_dim_stride, nch);
-      if constexpr (kMasked) cp_async_4(&seq_rings[warp][slot][lane], seq_next, 4);
-      x_next += params.x_seqlen_stride;
-      if constexpr (kMasked) seq_next += params.seq_idx_seqlen_stride;
-    }
-    cp_async_commit();
-  };
-#pragma unroll
-  for (int j = 0; j < kStages; ++j) fill(j);
 
   Taps<acc_t> taps[kNElts];
 #pragma unroll
   for (int i = 0; i < kNElts; ++i) taps[i].load(params, c0 + (i < nch ? i : 0));
-  // The window: the kHalo tokens before the next in acc_t (each converted once), and with
-  // seq_idx their sequences.
-  acc_t window[kHalo][kNElts];     // (tokens, channels)
-  int window_seq[kMaxWidth] = {};  // the last one the next token's
+  const int64_t run_t0 = run * Traits::kRunTokens;
+  const int64_t run_end = min(run_t0 + Traits::kRunTokens, params.seqlen);
+  const input_t* x = static_cast<const input_t*>(params.x) + b * params.x_batch_stride +
+                     c0 * params.x_dim_stride;
+  input_t* out = static_cast<input_t*>(params.out) + b * params.out_batch_stride +
+                 c0 * params.out_dim_stride;
+  // The tokens [t, t + kStep) of the step at t, as loaded (tokens past seqlen as 0): the next
+  // step's are loaded while this one's are computed, so that memory stays busy.
+  input_t next[kStep][kNElts];  // (tokens, channels)
+  const auto load_step = [&](int64_t t) {
+    for_each_token<kStep, kNElts>(count_in(params.seqlen - t, kStep), nch, [&](int j, int n) {
+      load_raw<kVectorized>(x + (t + j) * params.x_seqlen_stride, params.x_dim_stride, n,
+                            next[j]);
+    });
+  };
+  load_step(run_t0);
+  // The window of the step at t: tokens [t - kHalo, t + kStep), as loaded (half the registers
+  // of acc_t for 16-bit types); its first kHalo carry over.
+  input_t xs[kHalo + kStep][kNElts];  // (tokens, channels)
 #pragma unroll
   for (int j = 0; j < kHalo; ++j) {
-    load_x_token<kVectorized, kNElts, input_t>(params, b, c0, nch, run_t0 - kHalo + j,
-                                               window[j]);
-    if constexpr (kMasked) window_seq[j] = seq_at(params, b, run_t0 - kHalo + j);
+    acc_t v[kNElts];
+    load_x_token<kVectorized, kNElts, input_t>(params, b, c0, nch, run_t0 - kHalo + j, v);
+#pragma unroll
+    for (int i = 0; i < kNElts; ++i) xs[j][i] = from_acc<input_t>(v[i]);  // exact: from input_t
   }
-  // Before the tokens, while they are in flight, so that the place need not stay live.
+#pragma unroll 1
+  for (int64_t t = run_t0; t < run_end; t += kStep) {
+#pragma unroll
+    for (int j = 0; j < kStep; ++j) {
+#pragma unroll
+      for (int i = 0; i < kNElts; ++i) xs[kHalo + j][i] = next[j][i];
+    }
+    if (t + kStep < run_end) load_step(t + kStep);
+    TokenMasks masks{};
+    if constexpr (kMasked) masks = token_masks<kStep>(params, taps[0], b, t);
+    for_each_token<kStep, kNElts>(count_in(params.seqlen - t, kStep), nch, [&](int j, int n) {
+      acc_t o[kNElts];
+#pragma unroll
+      for (int i = 0; i < kNElts; ++i) {
+        const acc_t x_i[kMaxWidth] = {to_acc(xs[j][i]), to_acc(xs[j + 1][i]),
+                                      to_acc(xs[j + 2][i]), to_acc(xs[j + 3][i])};
+        o[i] = kMasked ? out_of_token<kSilu>(taps[i], x_i, bits_of(masks.reads, j),
+                                             masks.padding >> j & 1u)
+                       : out_of_token<kSilu>(taps[i], x_i, taps[i].width_bits, false);
+      }
+      store_from_acc<kVectorized>(out + (t + j) * params.out_seqlen_stride,
+                                  params.out_dim_stride, n, o);
+    });
+#pragma unroll
+    for (int j = 0; j < kHalo; ++j) {
+#pragma unroll
+      for (int i = 0; i < kNElts; ++i) xs[j][i] = xs[kStep + j][i];
+    }
+  }
   if (params.final_states != nullptr && run == nruns - 1) {
     for (int i = 0; i < nch; ++i) write_final_states<input_t>(params, b, c0 + i);
   }
-  // Unrolled by the window's length, so that its shifts are renamings, not moves.
-#pragma unroll kHalo
-  for (int j = 0; j < n_tokens; ++j) {
-    // Before token j, kStages + j groups are committed: token j's is in once no more than the
-    // kStages - 1 after it are pending. (The wait also keeps the compiler from moving the last
-    // token's reads of its slot after the copy into it below.)
-    cp_async_wait_group<kStages - 1>();
-    // The slot of token j - 1, read and used, takes token j - 1 + kStages.
-    fill(j > 0 ? j - 1 + kStages : n_tokens);
-    const int slot = unsigned(j) % kStages;
-    alignas(16) input_t xv[kNElts];
-    ring.read(slot, lane, xv);
-    unsigned reads = taps[0].width_bits;
-    bool padding = false;
-    if constexpr (kMasked) {
-      window_seq[kHalo] = seq_rings[warp][slot][lane];
-      padding = window_seq[kHalo] < 0;
-      reads = padding ? 0u : taps[0].in_sequence(window_seq, window_seq[kHalo]);
-    }
-    acc_t o[kNElts];
-#pragma unroll
-    for (int i = 0; i < kNElts; ++i) {
-      const acc_t x_i[kMaxWidth] = {window[0][i], window[1][i], window[2][i], to_acc(xv[i])};
-      o[i] = out_of_token<kSilu>(taps[i], x_i, reads, padding);
-    }
-    store_tile_vector<kVectorized>(out, out_dim_stride, 0, nch, o);
-    out += params.out_seqlen_stride;
-#pragma unroll
-    for (int i = 0; i < kNElts; ++i) {
-      window[0][i] = window[1][i];
-      window[1][i] = window[2][i];
-      window[2][i] = to_acc(xv[i]);
-    }
-#pragma unroll
-    for (int k = 0; k < kHalo; ++k) window_seq[k] = window_seq[k + 1];
-  }
 }
 
-// Blocks a multiprocessor runs at once: 4 for 16-bit types (8 channels a lane: their taps and
-// window take ~124 registers, ptxas sm_90a; at 5 blocks, 96, they spill), 5 for fp32 (~88-96).
-// The bytes in flight do not depend on it: at 4, 16 warps keep 7 tokens of 512 bytes each in
-// flight, 56 KB a multiprocessor, where the register-prefetch kernel kept at most 32 KB.
-template <typename input_t> constexpr int fwd_channels_inner_min_blocks() {
-  if (sizeof(input_t) > 4) return 1;
-  return sizeof(input_t) == 2 ? 4 : 5;
-}
-
-// A kernel per activation and masking (kernel_for): in one kernel, with_flags' branches, the
-// variants spill.
-template <typename input_t, bool kVectorized, bool kSilu, bool kMasked>
-__global__ void __launch_bounds__(ChannelsInnerFwdTraits<input_t>::kNThreads,
-                                  fwd_channels_inner_min_blocks<input_t>())
+template <typename input_t, bool kVectorized>
+__global__ void __launch_bounds__(ChannelsInnerTraits<input_t>::kNThreads)
     causal_conv1d_fwd_channels_inner_kernel(const CausalConv1dFwdParams params) {
-  fwd_channels_inner<input_t, kVectorized, kSilu, kMasked>(params);
+  with_flags(params.silu, params.seq_idx != nullptr, [&](auto silu, auto masked) {
+    fwd_channels_inner<input_t, kVectorized, decltype(silu)::value, decltype(masked)::value>(
+        params);
+  });
 }
 
 // Whether x and out are vectors of N tokens (contiguous) or N channels (channel-last).
@@ -231,16 +197,14 @@ cudaError_t causal_conv1d_fwd_cuda(const CausalConv1dFwdParams& params, cudaStre
   using namespace causal_conv1d_cuda;
   if (params.batch == 0 || params.dim == 0) return cudaSuccess;
   if (causal_conv1d_cuda_channels_inner(params)) {
-    using Traits = ChannelsInnerFwdTraits<input_t>;
-    const auto kernel = kernel_for(
-        fwd_vectorizable<input_t, Traits::kNElts>(params, true), params,
-        [](auto vectorized, auto silu, auto masked) {
-          return causal_conv1d_fwd_channels_inner_kernel<
-              input_t, decltype(vectorized)::value, decltype(silu)::value,
-              decltype(masked)::value>;
-        });
-    return launch_blocks_max_shared(Traits::grid_blocks(params), Traits::kNThreads, stream,
-                                    kernel, params);
+    using Traits = ChannelsInnerTraits<input_t>;
+    const int64_t blocks = params.batch * ceil_div(params.seqlen, Traits::kRunTokens) *
+                           ceil_div(params.dim, Traits::kBlockChannels);
+    return launch_blocks(blocks, Traits::kNThreads, stream,
+                         fwd_vectorizable<input_t, Traits::kNElts>(params, true)
+                             ? causal_conv1d_fwd_channels_inner_kernel<input_t, true>
+                             : causal_conv1d_fwd_channels_inner_kernel<input_t, false>,
+                         params);
   }
   using Traits = ContiguousTileTraits<input_t>;
   const auto kernel = kernel_for(

@@ -365,7 +365,7 @@ __global__ void __launch_bounds__(512, 1)
                    valid ? 4 : 0);
       }
     }
-    BC.issue<true>(p, token0, token_end, vec.B, vec.C);
+    BC.template issue<true>(p, token0, token_end, vec.B, vec.C);
     cp_async_commit();
   };
 
